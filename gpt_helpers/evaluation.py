@@ -1,0 +1,141 @@
+"""Measure a language model: token-weighted loss, perplexity, next-token accuracy, and generated text.
+
+Perplexity is ``exp`` of the mean loss *per predicted token* over the whole dataset — not the mean of
+per-batch perplexities, and not a mean over batches that weights a short batch like a long one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GPTHelpersError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Validation numbers: mean token loss, its perplexity, next-token accuracy and the tokens they cover."""
+
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+
+    def __str__(self) -> str:
+        return f"loss {self.loss:.4f} | perplexity {self.perplexity:.2f} | next-token accuracy {100 * self.accuracy:.1f}% | {self.tokens:,} tokens"
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy of next-token prediction and the mask of tokens that count.
+
+    Position ``t`` predicts label ``t + 1``; labels of -100 (padding) are ignored.
+    """
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != -100
+    losses = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1).clamp(min=0), reduction="none"
+    ).view_as(shifted_labels)
+    return losses * mask, mask
+
+
+def perplexity(mean_loss: float) -> float:
+    """``exp(mean_loss)``, capped to avoid overflow (a perplexity above 1e12 means 'no idea')."""
+    return math.exp(min(mean_loss, 27.6))
+
+
+@torch.no_grad()
+def evaluate(model, dataset, *, batch_size: int = 16, max_batches: int | None = None, device: str | torch.device | None = None) -> EvalResult:
+    """Token-weighted loss, perplexity and next-token accuracy of ``model`` on ``dataset``.
+
+    ``dataset`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels`` (an :class:`~gpt_helpers.data.LMDataset`).
+    ``max_batches`` bounds the work (batches in order, so the number is repeatable).
+
+    >>> from gpt_helpers.models import load_model
+    >>> from gpt_helpers.data import prepare_dataset
+    >>> model, tok = load_model()
+    >>> data, _ = prepare_dataset(tok, ["A short text to score."] * 8, block_size=16)
+    >>> evaluate(model, data).perplexity > 1
+    True
+    """
+    if len(dataset) == 0:
+        raise GPTHelpersError("The evaluation dataset is empty: nothing to measure. Check the validation split.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {key: value.to(device) for key, value in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, mask = token_losses(logits, batch["labels"])
+        loss_sum += losses.sum(dtype=torch.float64)
+        count += mask.sum()
+        predictions = logits[:, :-1, :].argmax(dim=-1)
+        correct += ((predictions == batch["labels"][:, 1:]) & mask).sum()
+    model.train(was_training)
+    tokens = int(count)
+    if tokens == 0:
+        raise GPTHelpersError("No tokens to score: every label is masked. Check the attention masks of the data.")
+    mean = float(loss_sum) / tokens
+    return EvalResult(loss=mean, perplexity=perplexity(mean), accuracy=int(correct) / tokens, tokens=tokens)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: int = 40, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = 0.95, do_sample: bool = True,
+             repetition_penalty: float = 1.0, seed: int | None = 0) -> list[str]:
+    """Continue one prompt or several; returns the generated continuations (prompt not included).
+
+    ``do_sample=False`` gives greedy decoding; ``seed`` makes sampling repeatable.
+
+    >>> from gpt_helpers.models import load_model
+    >>> model, tok = load_model()
+    >>> len(generate(model, tok, "The ship", max_new_tokens=5))
+    1
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the last real token
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = previous_side
+    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                   repetition_penalty=repetition_penalty)
+    if do_sample:
+        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    else:
+        options.update(temperature=None, top_k=None, top_p=None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        output = model.generate(**encoded, **options)
+    model.train(was_training)
+    new_tokens = output[:, encoded["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
+
+
+def compare_generations(models: dict[str, tuple], prompts: Sequence[str], **generate_options) -> list[dict[str, str]]:
+    """A before/after table: for each prompt, each named model's continuation.
+
+    ``models`` maps a label (``"before"``, ``"after"``) to a ``(model, tokenizer)`` pair.
+    """
+    rows = []
+    for prompt in prompts:
+        row = {"prompt": prompt}
+        for label, (model, tokenizer) in models.items():
+            row[label] = generate(model, tokenizer, prompt, **generate_options)[0]
+        rows.append(row)
+    return rows

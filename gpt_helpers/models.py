@@ -1,0 +1,254 @@
+"""Load causal language models and tokenizers, count parameters, and size the GPT-2 family.
+
+One call loads a model by its hub name (``"gpt2"``), a local folder, or the short name of a model that
+ships with the course (``"tiny-gpt2-base"``). Nothing here reaches a model hub unless you name a hub model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import GPT2Config, PretrainedConfig, PreTrainedModel
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+#: Models and tokenizers that ship inside the package, by short name.
+BUNDLED = {
+    "tiny-gpt2-base": ASSETS_DIR / "tiny-gpt2-base",
+    "gpt2-tokenizer": ASSETS_DIR / "gpt2-tokenizer",
+}
+
+DEFAULT_MODEL = "tiny-gpt2-base"
+
+#: The GPT-2 family's published architectures (from the models' config.json files on the hub).
+GPT2_FAMILY: dict[str, dict[str, int]] = {
+    "distilgpt2": {"n_layer": 6, "n_embd": 768, "n_head": 12},
+    "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+    "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+    "gpt2-large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
+    "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
+}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Turn a short bundled name into its folder; return anything else unchanged.
+
+    >>> resolve_model_path("tiny-gpt2-base").endswith("tiny-gpt2-base")
+    True
+    """
+    name = str(name_or_path)
+    if name in BUNDLED:
+        folder = BUNDLED[name]
+        if not (folder / "config.json").exists() and not (folder / "tokenizer.json").exists():
+            raise ModelLoadError(
+                f"The bundled model '{name}' is missing from {folder}. Reinstall the package "
+                "(pip install -e .) or rebuild it with: python scripts/pretrain_base.py"
+            )
+        return str(folder)
+    return name
+
+
+def _is_local(name: str) -> bool:
+    return os.path.isdir(name) or name.startswith((".", "/", "~")) or os.sep in name and os.path.exists(name)
+
+
+def _hub_error(name: str, what: str, cause: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not load the {what} '{name}': it is not a local folder, not a bundled model "
+        f"({', '.join(BUNDLED)}), and the model hub could not provide it ({type(cause).__name__}: "
+        f"{str(cause).splitlines()[0] if str(cause) else 'no details'}). "
+        f"Offline? Use the bundled base model instead: load_model('{DEFAULT_MODEL}') "
+        "(or --model tiny-gpt2-base on the command line), or pass the path of a folder that holds "
+        "config.json and model.safetensors."
+    )
+
+
+def _check_local_folder(path: str, what: str) -> None:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelLoadError(f"The {what} folder '{path}' does not exist. Check the path, or use '{DEFAULT_MODEL}'.")
+    if not folder.is_dir():
+        raise ModelLoadError(f"'{path}' is a file, not a {what} folder. Pass the folder that contains config.json.")
+    if what == "model" and not (folder / "config.json").exists():
+        raise ModelLoadError(
+            f"The model folder '{path}' has no config.json, so it is not a saved Hugging Face model. "
+            "Save models with model.save_pretrained(folder) (gpt_helpers.train does this), or point at the "
+            "folder that has config.json."
+        )
+    if what == "model":
+        has_safe = any(folder.glob("*.safetensors"))
+        has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
+        if not has_safe and has_pickle:
+            raise ModelLoadError(
+                f"The model folder '{path}' holds only pickle-based weights (.bin/.pt), which can run code when "
+                "loaded, so they are refused. Convert them where you trust the source: "
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)."
+            )
+        if not has_safe:
+            raise ModelLoadError(
+                f"The model folder '{path}' has config.json but no model.safetensors. "
+                "Copy the weights file into it, or use build_model_from_config() for a randomly initialised model."
+            )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a fast tokenizer and give it a pad token if it has none.
+
+    GPT-2 has no pad token; we reuse EOS as pad *and* mask padding by the attention mask (never by id),
+    so EOS stays a learned label. See :func:`gpt_helpers.data.labels_from_attention_mask`.
+
+    >>> tok = load_tokenizer("tiny-gpt2-base")
+    >>> tok.pad_token is not None
+    True
+    """
+    path = resolve_model_path(name_or_path)
+    if _is_local(path):
+        _check_local_folder(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        if _is_local(path):
+            raise ModelLoadError(
+                f"The folder '{path}' does not hold a usable tokenizer ({error}). It needs tokenizer.json "
+                "(or vocab.json + merges.txt). Save one with tokenizer.save_pretrained(folder)."
+            ) from None
+        raise _hub_error(str(name_or_path), "tokenizer", error) from None
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Set ``pad_token = eos_token`` when the tokenizer has no pad token; return the tokenizer.
+
+    Safe only because the course masks padding with the attention mask: see
+    :func:`gpt_helpers.data.labels_from_attention_mask`.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError("The tokenizer has neither a pad nor an EOS token; add one with tokenizer.add_special_tokens().")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    random_init: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in one call.
+
+    ``name_or_path`` is a bundled short name (``"tiny-gpt2-base"``), a local folder, or a hub name
+    (``"gpt2"``, ``"distilgpt2"``, …) when the hub is reachable. ``random_init=True`` builds the same
+    architecture with fresh random weights: the from-scratch baseline. Weights load as float32 by default
+    (master weights for mixed precision). Only safetensors weights are loaded.
+
+    >>> model, tokenizer = load_model("tiny-gpt2-base")
+    >>> model.config.model_type
+    'gpt2'
+    """
+    path = resolve_model_path(name_or_path)
+    local = _is_local(path)
+    if local:
+        _check_local_folder(path, "model")
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        if random_init:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = build_model_from_config(config, seed=seed, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError) as error:
+        if local:
+            raise ModelLoadError(f"The model folder '{path}' could not be loaded: {error}") from None
+        raise _hub_error(str(name_or_path), "model", error) from None
+    check_tokenizer_matches(model, tokenizer, source=str(name_or_path))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def build_model_from_config(config: PretrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given architecture (deterministic for a seed).
+
+    >>> model = build_model_from_config(tiny_gpt2_config())
+    >>> count_parameters(model).total > 0
+    True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def tiny_gpt2_config(vocab_size: int = 512, n_positions: int = 64, n_embd: int = 32, n_layer: int = 2, n_head: int = 2) -> GPT2Config:
+    """A very small GPT-2 configuration for tests and quick experiments."""
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=0, eos_token_id=0,
+    )
+
+
+def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, source: str = "model") -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table."""
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise ModelLoadError(
+            f"The tokenizer of '{source}' has {len(tokenizer)} tokens but the model's embedding table has only "
+            f"{embeddings} rows, so they do not belong together. Load the tokenizer saved with this model, or call "
+            "model.resize_token_embeddings(len(tokenizer)) if you added tokens on purpose."
+        )
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Total and trainable parameters of a model (shared tensors counted once)."""
+
+    total: int
+    trainable: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.trainable:,} trainable of {self.total:,} ({100 * self.trainable_fraction:.2f}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCount:
+    """Count parameters once each, even when weights are tied (GPT-2's embedding and head).
+
+    >>> count_parameters(torch.nn.Linear(3, 2))
+    ParameterCount(total=8, trainable=8)
+    """
+    seen: set[int] = set()
+    total = trainable = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return ParameterCount(total, trainable)
+
+
+def gpt2_family_config(name: str) -> GPT2Config:
+    """The configuration of a GPT-2 family member, built offline."""
+    if name not in GPT2_FAMILY:
+        raise ModelLoadError(f"Unknown GPT-2 family member '{name}'. Choose one of: {', '.join(GPT2_FAMILY)}.")
+    return GPT2Config(vocab_size=50257, n_positions=1024, **GPT2_FAMILY[name])
