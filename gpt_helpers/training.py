@@ -423,6 +423,9 @@ class _Loop:
                 window_steps, window_started = 0, time.perf_counter()
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{learning_rate:.1e}", refresh=False)
+                else:
+                    logger.info("step %d/%d: loss %.4f, lr %.2e, %.0f tokens/s", state.step, self.max_steps, mean_loss,
+                                learning_rate, speed)
             if (state.step % config.eval_every == 0 or final) and self.eval_data is not None:
                 result = self._evaluate()
                 self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),

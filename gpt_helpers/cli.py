@@ -1,0 +1,242 @@
+"""The command line: a thin shell over the functions the notebooks call.
+
+    python -m gpt_helpers finetune --data reviews.jsonl --out runs/reviews
+    python -m gpt_helpers finetune --data drug_reviews --model gpt2 --steps 1000      # a course dataset, GPT-2
+    python -m gpt_helpers evaluate --model runs/reviews/best --data drug_reviews --split test
+    python -m gpt_helpers generate --model runs/reviews/best --prompt "This medicine"
+    python -m gpt_helpers course --ci
+    python -m gpt_helpers info
+
+Errors are one paragraph naming the input and the fix, with a non-zero exit status; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import GPTHelpersError
+
+EXIT_USER_ERROR = 2
+EXIT_UNEXPECTED = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 5e-4, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text) if text not in ("0", "0.0") else 0.0
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction below 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m gpt_helpers``."""
+    parser = argparse.ArgumentParser(prog="python -m gpt_helpers", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tune = commands.add_parser("finetune", help="fine-tune a causal LM on your text", description=(
+        "Fine-tune a causal language model on a text file or a course dataset. Writes the best and final model "
+        "folders, history.json/csv and history.png into --out."))
+    tune.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.tsv/.txt file, a folder of .txt files, or a "
+                      "course dataset name (drug_reviews, chat_logs, python_docs)")
+    tune.add_argument("--model", default="tiny-gpt2-base", help="bundled short name, local folder or hub name "
+                      "(gpt2, distilgpt2, …) [default: tiny-gpt2-base, offline]")
+    tune.add_argument("--out", required=True, help="output folder for checkpoints, history, plots and the model")
+    tune.add_argument("--text-field", default="text", help="JSON field / CSV column holding the text [text]")
+    tune.add_argument("--eval-data", help="a separate validation file (default: split --validation off --data)")
+    tune.add_argument("--validation", type=_fraction, default=0.1, help="fraction held out for validation [0.1]")
+    tune.add_argument("--mode", choices=("pack", "pad"), default="pack", help="pack texts into blocks or pad each [pack]")
+    tune.add_argument("--block-size", type=_positive_int, default=128, help="tokens per training example [128]")
+    tune.add_argument("--steps", type=_positive_int, help="optimizer steps [200 unless --epochs]")
+    tune.add_argument("--epochs", type=_positive_float, help="passes over the training data (with --steps: whichever first)")
+    tune.add_argument("--batch-size", type=_positive_int, default=16, help="examples per micro-batch [16]")
+    tune.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step [1]")
+    tune.add_argument("--lr", type=_positive_float, default=5e-4, help="peak learning rate [5e-4]")
+    tune.add_argument("--eval-every", type=_positive_int, default=50, help="evaluate every N steps [50]")
+    tune.add_argument("--patience", type=_positive_int, help="early stopping after N evaluations without improvement")
+    tune.add_argument("--save-every", type=_positive_int, help="write a resumable checkpoint every N steps")
+    tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tune.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    tune.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--config", help="a JSON file of TrainingConfig fields (command-line flags win)")
+    tune.add_argument("--trust-remote-code", action="store_true", help="allow a hub model to run its own code (off)")
+
+    evaluate_cmd = commands.add_parser("evaluate", help="validation loss and perplexity of a model on data")
+    evaluate_cmd.add_argument("--model", default="tiny-gpt2-base")
+    evaluate_cmd.add_argument("--data", required=True, help="a text file or a course dataset name")
+    evaluate_cmd.add_argument("--split", default="validation", help="course dataset split [validation]")
+    evaluate_cmd.add_argument("--text-field", default="text")
+    evaluate_cmd.add_argument("--block-size", type=_positive_int, default=128)
+
+    generate_cmd = commands.add_parser("generate", help="continue a prompt")
+    generate_cmd.add_argument("--model", default="tiny-gpt2-base")
+    generate_cmd.add_argument("--prompt", required=True)
+    generate_cmd.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    generate_cmd.add_argument("--temperature", type=_positive_float, default=0.8)
+    generate_cmd.add_argument("--seed", type=int, default=0)
+
+    course = commands.add_parser("course", help="run every lesson headless and summarise")
+    course.add_argument("--only", nargs="*", help="lesson numbers, e.g. 00 04")
+    course.add_argument("--ci", action="store_true", help="use the small CI parameters")
+    course.add_argument("--out", default="runs/course")
+    course.add_argument("--write-outputs", action="store_true", help="refresh the committed notebooks' outputs")
+
+    commands.add_parser("info", help="versions, device, bundled models and datasets")
+    return parser
+
+
+def _load_text_source(data: str, text_field: str, split: str | None = None) -> list[str]:
+    from .data import COURSE_DATASETS, load_course_dataset, load_texts
+
+    if data in COURSE_DATASETS and not Path(data).exists():
+        return load_course_dataset(data, split or "train")
+    return load_texts(data, text_field=text_field)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .config import TrainingConfig
+    from .data import COURSE_DATASETS, clean_texts, model_context_length, prepare_dataset, split_texts
+    from .models import load_model
+    from .training import train
+
+    values: dict[str, Any] = TrainingConfig.load(args.config).to_dict() if args.config else {}
+    values.update(output_dir=args.out, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                  learning_rate=args.lr, eval_every=args.eval_every, early_stopping_patience=args.patience,
+                  save_every=args.save_every, resume=args.resume, precision=args.precision, device=args.device,
+                  seed=args.seed)
+    if args.steps or args.epochs:
+        values.update(max_steps=args.steps, epochs=args.epochs)
+    config = TrainingConfig.from_dict(values)
+
+    # Read and check everything before the output folder is touched, so a bad input writes nothing.
+    course = args.data in COURSE_DATASETS and not Path(args.data).exists()
+    raw_train = _load_text_source(args.data, args.text_field, "train")
+    texts, cleaning = clean_texts(raw_train)
+    logging.info("Cleaning %s: %s", args.data, cleaning)
+    if args.eval_data or course:
+        eval_texts, _ = clean_texts(_load_text_source(args.eval_data or args.data, args.text_field, "validation"))
+        splits = {"train": texts, "validation": eval_texts}
+    elif args.validation:
+        splits = split_texts(texts, validation=args.validation, seed=args.seed)
+    else:
+        splits = {"train": texts, "validation": []}
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    context = model_context_length(model)
+    train_data, report = prepare_dataset(tokenizer, splits["train"], block_size=args.block_size, mode=args.mode, max_context=context)
+    eval_data = None
+    if splits["validation"]:
+        eval_data, _ = prepare_dataset(tokenizer, splits["validation"], block_size=args.block_size, mode=args.mode, max_context=context)
+    print(f"Data: {report}")
+    result = train(model, tokenizer, train_data, eval_data, config)
+    out = Path(args.out)
+    (out / "data_report.json").write_text(json.dumps({"cleaning": vars(cleaning), "train": report.as_dict()}, indent=1))
+    print(result)
+    print(f"Plot: {out / 'history.png'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .data import clean_texts, model_context_length, prepare_dataset
+    from .evaluation import evaluate
+    from .models import load_model
+
+    texts, _ = clean_texts(_load_text_source(args.data, args.text_field, args.split))
+    model, tokenizer = load_model(args.model)
+    dataset, report = prepare_dataset(tokenizer, texts, block_size=args.block_size, max_context=model_context_length(model))
+    print(f"{args.model} on {args.data}: {evaluate(model, dataset)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .evaluation import generate
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
+    print(args.prompt + text)
+    return 0
+
+
+def _course(args: argparse.Namespace) -> int:
+    from .course import run_course
+
+    results = run_course(only=args.only, ci=args.ci, out=args.out, write_outputs=args.write_outputs)
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    failed = [r for r in results if r.status != "passed"]
+    for result in failed:
+        print(f"FAILED {result.lesson}: {result.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import accelerate
+    import torch
+    import transformers
+
+    from .data import COURSE_DATASETS, course_data_dir
+    from .models import BUNDLED
+
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"accelerate {accelerate.__version__}; device: {device}")
+    for name, folder in BUNDLED.items():
+        print(f"bundled {name}: {folder}")
+    print(f"course datasets in {course_data_dir()}: {', '.join(COURSE_DATASETS)}")
+    return 0
+
+
+COMMANDS = {"finetune": _finetune, "evaluate": _evaluate, "generate": _generate, "course": _course, "info": _info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except GPTHelpersError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: the newest checkpoint (if --save-every was set) can be resumed with --resume", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence for a CLI user
+        if args.debug:
+            raise
+        print(f"unexpected error ({type(error).__name__}: {error}). Rerun with --debug for the traceback, "
+              "and please report it if the input looks right.", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
