@@ -1,0 +1,282 @@
+"""Time to quality on CPU: raw drug-review text → a model at a fixed validation perplexity, three ways, one run.
+
+1. ``gpt_helpers``: ``clean_texts`` → ``prepare_dataset`` (batched tokenization, packing) → ``train`` (defaults).
+2. The seed article's loop: each text encoded on its own with ``tokenizer.encode(text, return_tensors="pt")``,
+   batch of one, ``torch.optim.AdamW(lr=5e-5)``, ``loss.item()`` every step.
+3. ``transformers.Trainer`` as its causal-LM guide sets it up: ``datasets.map`` tokenization, ``group_texts``
+   into blocks, ``DataCollatorForLanguageModeling(mlm=False)``, default ``TrainingArguments`` apart from the budget.
+
+Every method starts from the bundled base model and is scored the same way: every ``--eval-tokens`` training tokens
+the clock stops, ``gpt_helpers.evaluate`` measures perplexity on the same packed validation blocks, and the clock
+restarts. Wall time counts data preparation and training, not evaluation. A method that does not reach the target
+within ``--cap`` seconds is reported as "not reached" with the ratio as a lower bound.
+
+A second part runs gpt_helpers and the Trainer at *equal work* (same blocks, batch, learning rate and steps)
+and compares tokens per second.
+
+    python benchmarks/time_to_quality.py --repeats 3 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+import gpt_helpers as gh
+from gpt_helpers.data import course_data_dir
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class Clock:
+    """Wall time that can be paused while a method is being scored."""
+
+    def __init__(self) -> None:
+        self.total, self.started = 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        self.total += time.perf_counter() - self.started
+
+    def resume(self) -> None:
+        self.started = time.perf_counter()
+
+    def read(self) -> float:
+        return self.total + time.perf_counter() - self.started
+
+
+class TargetWatcher:
+    """Scores a model every ``every_tokens`` training tokens; remembers when the target was first met."""
+
+    def __init__(self, clock: Clock, eval_data, target: float, every_tokens: int, cap: float) -> None:
+        self.clock, self.eval_data, self.target, self.every, self.cap = clock, eval_data, target, every_tokens, cap
+        self.tokens, self.next_check, self.reached_at, self.best, self.train_seconds = 0, every_tokens, None, float("inf"), 0.0
+
+    def after_step(self, model, tokens: int) -> bool:
+        """Count tokens; evaluate when due; return True when the run should stop (target met or time cap)."""
+        self.tokens += tokens
+        if self.tokens < self.next_check:
+            return self.clock.read() > self.cap
+        self.clock.pause()
+        self.train_seconds = self.clock.total
+        self.next_check += self.every
+        ppl = gh.evaluate(model, self.eval_data, batch_size=32).perplexity
+        self.best = min(self.best, ppl)
+        if ppl <= self.target and self.reached_at is None:
+            self.reached_at = self.clock.total
+        self.clock.resume()
+        return self.reached_at is not None or self.clock.total > self.cap
+
+
+@dataclass
+class Outcome:
+    method: str
+    seconds_to_target: float | None
+    best_perplexity: float
+    tokens: int
+    tokens_per_second: float
+
+
+def _outcome(name: str, watcher: TargetWatcher, clock: Clock) -> Outcome:
+    seconds = watcher.train_seconds or clock.read()
+    return Outcome(name, watcher.reached_at, watcher.best, watcher.tokens, watcher.tokens / max(seconds, 1e-9))
+
+
+def run_gpt_helpers(texts, eval_data, args) -> Outcome:
+    clock = Clock()
+    model, tokenizer = gh.load_model(args.model)
+    cleaned, _ = gh.clean_texts(texts)
+    train_data, _ = gh.prepare_dataset(tokenizer, cleaned, block_size=args.block_size)
+    watcher = TargetWatcher(clock, eval_data, args.target, args.eval_tokens, args.cap)
+    tokens_per_step = args.batch_size * (args.block_size - 1)
+
+    class Stop:
+        def on_step_end(self, state):
+            if watcher.after_step(state.model, tokens_per_step):
+                state.stop_requested = True
+
+    with tempfile.TemporaryDirectory() as out:
+        config = gh.TrainingConfig(output_dir=out, max_steps=args.max_steps, batch_size=args.batch_size,
+                                   learning_rate=args.lr, eval_every=10**9, progress=False, plot=False,
+                                   save_best=False, save_final=False, seed=args.seed)
+        gh.train(model, tokenizer, train_data, None, config, callbacks=[Stop()])
+    return _outcome("gpt_helpers", watcher, clock)
+
+
+def run_seed_loop(texts, eval_data, args) -> Outcome:
+    clock = Clock()
+    model, tokenizer = gh.load_model(args.model)
+    encoded = [tokenizer.encode(text, return_tensors="pt")[:, : args.block_size] for text in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    watcher = TargetWatcher(clock, eval_data, args.target, args.eval_tokens, args.cap)
+    model.train()
+    stop = False
+    while not stop:
+        for ids in encoded:
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            _ = loss.item()  # the seed prints the loss every step
+            if watcher.after_step(model, ids.shape[1] - 1):
+                stop = True
+                break
+    return _outcome("seed loop (one text per step, lr 5e-5)", watcher, clock)
+
+
+def _trainer_setup(texts, args, tokenizer):
+    import datasets
+
+    raw = datasets.Dataset.from_dict({"text": list(texts)})
+    tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
+
+    def group_texts(examples):
+        concatenated = {k: sum(examples[k], []) for k in examples}
+        total = (len(concatenated["input_ids"]) // args.block_size) * args.block_size
+        return {k: [v[i:i + args.block_size] for i in range(0, total, args.block_size)] for k, v in concatenated.items()}
+
+    return tokenized.map(group_texts, batched=True)
+
+
+def run_trainer(texts, eval_data, args) -> Outcome:
+    clock = Clock()
+    model, tokenizer = gh.load_model(args.model)
+    blocks = _trainer_setup(texts, args, tokenizer)
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    watcher = TargetWatcher(clock, eval_data, args.target, args.eval_tokens, args.cap)
+    batch = 8  # TrainingArguments' default per-device batch size
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, arguments, state, control, model=None, **kwargs):
+            if watcher.after_step(model, batch * (args.block_size - 1)):
+                control.should_training_stop = True
+
+    with tempfile.TemporaryDirectory() as out:
+        options = dict(output_dir=out, max_steps=10**6, report_to="none", save_strategy="no", disable_tqdm=True,
+                       logging_strategy="no", seed=args.seed, use_cpu=True)
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**options), train_dataset=blocks,
+                                       data_collator=collator, callbacks=[Watch()])
+        trainer.train()
+    return _outcome("transformers.Trainer (guide defaults)", watcher, clock)
+
+
+def equal_work_tokens_per_second(texts, args) -> tuple[float, float]:
+    """Tokens/s of gpt_helpers and of the Trainer on the same blocks, batch size, learning rate and step count.
+
+    Each is timed around its own ``train()`` call (set-up included for both); data preparation is done before.
+    """
+    model, tokenizer = gh.load_model(args.model)
+    cleaned, _ = gh.clean_texts(texts)
+    train_data, _ = gh.prepare_dataset(tokenizer, cleaned, block_size=args.block_size)
+    tokens = args.equal_work_steps * args.batch_size * args.block_size
+    with tempfile.TemporaryDirectory() as out:
+        config = gh.TrainingConfig(output_dir=out, max_steps=args.equal_work_steps, batch_size=args.batch_size,
+                                   learning_rate=args.lr, eval_every=10**9, progress=False, plot=False, save_best=False,
+                                   save_final=False, seed=args.seed, log_every=10**9)
+        started = time.perf_counter()
+        gh.train(model, tokenizer, train_data, None, config)
+        helpers = tokens / (time.perf_counter() - started)
+
+    model, tokenizer = gh.load_model(args.model)
+    blocks = datasets_from_blocks(train_data)
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    with tempfile.TemporaryDirectory() as out:
+        options = dict(output_dir=out, max_steps=args.equal_work_steps, per_device_train_batch_size=args.batch_size,
+                       learning_rate=args.lr, report_to="none", save_strategy="no", disable_tqdm=True,
+                       logging_strategy="no", seed=args.seed, use_cpu=True)
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**options), train_dataset=blocks,
+                                       data_collator=collator)
+        started = time.perf_counter()
+        trainer.train()
+        reference = tokens / (time.perf_counter() - started)
+    return helpers, reference
+
+
+def datasets_from_blocks(train_data):
+    """The very blocks gpt_helpers trains on, as a ``datasets.Dataset`` for the Trainer."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": train_data.input_ids.tolist(),
+                                       "attention_mask": train_data.attention_mask.tolist()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-gpt2-base")
+    parser.add_argument("--target", type=float, default=None, help="validation perplexity to reach [see --target-ratio]")
+    parser.add_argument("--target-ratio", type=float, default=0.75, help="target = ratio × zero-shot perplexity [0.75]")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-steps", type=int, default=400, help="schedule length for gpt_helpers; equal-work steps")
+    parser.add_argument("--equal-work-steps", type=int, default=60)
+    parser.add_argument("--eval-tokens", type=int, default=20_000)
+    parser.add_argument("--cap", type=float, default=300.0, help="seconds a method may train before giving up")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    texts = gh.load_course_dataset("drug_reviews", "train")
+    model, tokenizer = gh.load_model(args.model)
+    validation, _ = gh.clean_texts(gh.load_course_dataset("drug_reviews", "validation"))
+    eval_data, _ = gh.prepare_dataset(tokenizer, validation, block_size=args.block_size)
+    zero_shot = gh.evaluate(model, eval_data).perplexity
+    args.target = args.target or round(zero_shot * args.target_ratio, 1)
+    print(f"Data: {len(texts)} raw drug reviews from {course_data_dir()}; zero-shot validation perplexity "
+          f"{zero_shot:.1f}; target {args.target}")
+
+    runs: dict[str, list[Outcome]] = {}
+    for repeat in range(args.repeats):
+        for runner in (run_gpt_helpers, run_trainer, run_seed_loop):
+            outcome = runner(texts, eval_data, args)
+            runs.setdefault(outcome.method, []).append(outcome)
+            print(f"  run {repeat + 1}: {outcome.method}: "
+                  f"{'%.1f s' % outcome.seconds_to_target if outcome.seconds_to_target else 'not reached'} "
+                  f"(best ppl {outcome.best_perplexity:.1f}, {outcome.tokens_per_second:,.0f} tokens/s)")
+    equal = [equal_work_tokens_per_second(texts, args) for _ in range(args.repeats)]
+
+    ours = statistics.median(o.seconds_to_target or float("inf") for o in runs["gpt_helpers"])
+    lines = [f"Time to validation perplexity {args.target} on drug reviews (zero-shot {zero_shot:.1f}), "
+             f"bundled base, CPU, torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"{torch.get_num_threads()} threads, medians of {args.repeats} run(s)", "",
+             "| method | seconds to target | speed-up of gpt_helpers | tokens/s | best ppl |", "| --- | ---: | ---: | ---: | ---: |"]
+    summary = {}
+    for method, outcomes in runs.items():
+        reached = [o.seconds_to_target for o in outcomes if o.seconds_to_target]
+        median = statistics.median(reached) if len(reached) == len(outcomes) else None
+        speed = statistics.median(o.tokens_per_second for o in outcomes)
+        best = min(o.best_perplexity for o in outcomes)
+        if median is None:
+            ratio = f"≥ {args.cap / ours:.1f}× (not reached in {args.cap:.0f} s)"
+        else:
+            ratio = f"{median / ours:.2f}×"
+        lines.append(f"| {method} | {median if median is None else round(median, 1)} | {ratio} | {speed:,.0f} | {best:.1f} |")
+        summary[method] = {"median_seconds": median, "tokens_per_second": speed, "best_perplexity": best,
+                           "runs": [asdict(o) for o in outcomes]}
+    helpers_speed = statistics.median(e[0] for e in equal)
+    trainer_speed = statistics.median(e[1] for e in equal)
+    lines += ["", f"Equal work ({args.equal_work_steps} steps × {args.batch_size} blocks × {args.block_size} tokens, lr {args.lr}): "
+              f"gpt_helpers {helpers_speed:,.0f} tokens/s, Trainer {trainer_speed:,.0f} tokens/s, "
+              f"ratio {helpers_speed / trainer_speed:.2f}×"]
+    summary["equal_work"] = {"gpt_helpers_tokens_per_second": [e[0] for e in equal],
+                             "trainer_tokens_per_second": [e[1] for e in equal]}
+    report = "\n".join(lines)
+    print(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "time_to_quality.md").write_text(report + "\n", encoding="utf-8")
+    (out / "time_to_quality.json").write_text(json.dumps({"args": vars(args), "zero_shot": zero_shot, **summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
