@@ -33,6 +33,7 @@ from transformers import GPT2Config, PreTrainedTokenizerFast
 
 from gpt_helpers import TrainingConfig, build_model_from_config, count_parameters, evaluate, prepare_dataset, train
 from gpt_helpers.checkpoints import save_model_folder
+from gpt_helpers.data import COURSE_DATASETS, SPLITS, load_course_dataset
 from sources import fetch_npm, fetch_pypi, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,25 @@ def split_corpus(corpus: dict[str, list[tuple[str, str]]]) -> tuple[list[str], l
     return train_texts, validation_texts, summary
 
 
+def check_disjoint_from_course_data(corpus: dict[str, list[tuple[str, str]]], min_chars: int = 60) -> int:
+    """Refuse a corpus that contains any line of the course's fine-tuning data (lines of ``min_chars`` or more).
+
+    Returns the number of course lines checked.
+    """
+    lines = {line.strip() for documents in corpus.values() for _, text in documents for line in text.splitlines()
+             if len(line.strip()) >= min_chars}
+    checked = 0
+    for dataset in COURSE_DATASETS:
+        for split in SPLITS:
+            for text in load_course_dataset(dataset, split):
+                for line in text.splitlines():
+                    if len(line.strip()) >= min_chars:
+                        checked += 1
+                        if line.strip() in lines:
+                            raise SystemExit(f"The pre-training corpus contains a line of {dataset}/{split}: {line[:80]!r}")
+    return checked
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, context: int) -> PreTrainedTokenizerFast:
     """A GPT-2-style byte-level BPE tokenizer trained on ``texts`` (deterministic)."""
     tokenizer = Tokenizer(models.BPE())
@@ -126,6 +146,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     corpus = load_corpus()
+    checked = check_disjoint_from_course_data(corpus)
+    logging.info("Disjointness: none of %d long lines of the course datasets occurs in the corpus.", checked)
     train_texts, validation_texts, summary = split_corpus(corpus)
     tokenizer_dir = out / "tokenizer"
     if args.resume and (tokenizer_dir / "tokenizer.json").exists():
