@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,36 @@ def _hub_error(name: str, what: str, cause: BaseException) -> ModelLoadError:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection within ``timeout`` seconds (False when HF_HUB_OFFLINE=1)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(loader, name: str, what: str, **kwargs):
+    """Load from the local cache if present, else from the hub — failing fast (no retries) when it is unreachable."""
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise _hub_error(name, what, ConnectionError("the hub is unreachable and the model is not in the local cache"))
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _hub_error(name, what, error) from None
+
+
 def _check_local_folder(path: str, what: str) -> None:
     folder = Path(path).expanduser()
     if not folder.exists():
@@ -111,17 +142,17 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, trust_rem
     True
     """
     path = resolve_model_path(name_or_path)
-    if _is_local(path):
-        _check_local_folder(path, "tokenizer")
+    options = dict(use_fast=True, trust_remote_code=trust_remote_code)
+    if not _is_local(path):
+        return ensure_pad_token(_from_hub(AutoTokenizer.from_pretrained, path, "tokenizer", **options))
+    _check_local_folder(path, "tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
     except (OSError, ValueError) as error:
-        if _is_local(path):
-            raise ModelLoadError(
-                f"The folder '{path}' does not hold a usable tokenizer ({error}). It needs tokenizer.json "
-                "(or vocab.json + merges.txt). Save one with tokenizer.save_pretrained(folder)."
-            ) from None
-        raise _hub_error(str(name_or_path), "tokenizer", error) from None
+        raise ModelLoadError(
+            f"The folder '{path}' does not hold a usable tokenizer ({error}). It needs tokenizer.json "
+            "(or vocab.json + merges.txt). Save one with tokenizer.save_pretrained(folder)."
+        ) from None
     return ensure_pad_token(tokenizer)
 
 
@@ -162,18 +193,20 @@ def load_model(
     if local:
         _check_local_folder(path, "model")
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-    try:
-        if random_init:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = build_model_from_config(config, seed=seed, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
-    except (OSError, ValueError) as error:
-        if local:
+    if random_init:
+        load_config = AutoConfig.from_pretrained
+        options: dict = dict(trust_remote_code=trust_remote_code)
+    else:
+        load_config = AutoModelForCausalLM.from_pretrained
+        options = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if local:
+        try:
+            loaded = load_config(path, **options)
+        except (OSError, ValueError) as error:
             raise ModelLoadError(f"The model folder '{path}' could not be loaded: {error}") from None
-        raise _hub_error(str(name_or_path), "model", error) from None
+    else:
+        loaded = _from_hub(load_config, path, "model", **options)
+    model = build_model_from_config(loaded, seed=seed, dtype=dtype) if random_init else loaded
     check_tokenizer_matches(model, tokenizer, source=str(name_or_path))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
 from . import checkpoints
@@ -117,6 +118,10 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         raise ConfigError("device='mps' but Apple's MPS backend is not available. Use device='auto'.")
     probe = "cpu" if config.device == "cpu" else ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     precision = choose_precision(config, probe)
+    # Accelerate keeps one process-wide state; a notebook that trains twice with other settings needs it fresh.
+    # The process group (PartialState) is kept, so multi-process launches are unaffected.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(cpu=probe == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
 
 
