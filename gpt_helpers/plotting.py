@@ -19,6 +19,34 @@ def _pyplot():
     return plt
 
 
+def _register_png_formatter() -> None:
+    """Let a stand-alone ``Figure`` (not made by pyplot) show as a PNG in a notebook.
+
+    The inline backend registers its formatter only once pyplot has made a figure; until then ``display(figure)``
+    would print ``<Figure size …>``. Nothing is changed when a formatter is already registered.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return
+    from functools import partial
+
+    from matplotlib.figure import Figure
+
+    png = shell.display_formatter.formatters.get("image/png")
+    if png is None:
+        return
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        from IPython.core.pylabtools import print_figure
+
+        png.for_type(Figure, partial(print_figure, fmt="png", base64=True, bbox_inches="tight"))
+
+
 def _in_notebook() -> bool:
     try:
         from IPython import get_ipython
@@ -43,7 +71,16 @@ def plot_history(history: History | dict[str, History], *, x: str = "step", save
         raise ValueError("x must be 'step' or 'tokens_seen'")
     plt = _pyplot()
     runs = history if isinstance(history, dict) else {"": history}
-    figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if show:
+        figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    else:
+        # Not registered with pyplot: safe to draw from a background thread (the training panel, the loop's
+        # final PNG) and never picked up by the notebook's inline backend at the end of some other cell.
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(11, 4))
+        loss_axis, ppl_axis = figure.subplots(1, 2)
+        _register_png_formatter()
     for index, (label, run) in enumerate(runs.items()):
         color = f"C{index}"
         prefix = f"{label} " if label else ""
@@ -75,8 +112,6 @@ def plot_history(history: History | dict[str, History], *, x: str = "step", save
         figure.savefig(save_to, dpi=110)
     if show:
         plt.show()
-    else:
-        plt.close(figure)
     return figure
 
 

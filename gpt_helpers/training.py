@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 
 from . import checkpoints
@@ -119,8 +119,9 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     probe = "cpu" if config.device == "cpu" else ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     precision = choose_precision(config, probe)
     # Accelerate keeps one process-wide state; a notebook that trains twice with other settings needs it fresh.
-    # The process group (PartialState) is kept, so multi-process launches are unaffected.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    # A multi-process group (PartialState) is kept; a single-process one is re-read from the environment.
+    single_process = PartialState._shared_state.get("num_processes", 1) == 1
+    AcceleratorState._reset_state(reset_partial_state=single_process)
     GradientState._reset_state()
     return Accelerator(cpu=probe == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
 
@@ -433,6 +434,7 @@ class _Loop:
                                 learning_rate, speed)
             if (state.step % config.eval_every == 0 or final) and self.eval_data is not None:
                 result = self._evaluate()
+                self.last_eval = result  # kept whole (with accuracy and tokens) for TrainResult.final_eval
                 self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),
                                  tokens_seen=state.tokens_seen, learning_rate=learning_rate, eval_loss=result.loss,
                                  eval_perplexity=result.perplexity, elapsed_seconds=self._elapsed())
@@ -466,7 +468,11 @@ class _Loop:
         final_eval = None
         if self.history.eval_records:
             last = self.history.eval_records[-1]
-            final_eval = EvalResult(loss=last.eval_loss, perplexity=perplexity(last.eval_loss), accuracy=float("nan"), tokens=0)
+            measured = getattr(self, "last_eval", None)
+            if measured is not None and measured.loss == last.eval_loss:
+                final_eval = measured
+            else:  # e.g. resumed after the last evaluation: only the history's numbers are known
+                final_eval = EvalResult(loss=last.eval_loss, perplexity=perplexity(last.eval_loss), accuracy=float("nan"), tokens=0)
         model_dir = best_dir = None
         self.history.info["skipped_nonfinite_steps"] = self.state.skipped_nonfinite_steps
         self.history.info["final_micro_batch_size"] = self.state.micro_batch_size
