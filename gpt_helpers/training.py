@@ -188,7 +188,11 @@ class _Loop:
         if config.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         device_type = self.accelerator.device.type
         groups = param_groups or default_param_groups(model, config)
@@ -409,7 +413,10 @@ class _Loop:
             final = state.step >= self.max_steps or state.stop_requested
             if config.max_time_seconds and self._elapsed() >= config.max_time_seconds and not final:
                 state.stop_requested, state.stop_reason, final = True, f"time budget of {config.max_time_seconds:g} s reached", True
-            if state.step % config.log_every == 0 or final:
+            checkpoint_due = bool(config.save_every) and state.step % config.save_every == 0 and not final
+            # A checkpoint step is also a log step: the running window is flushed into the saved state, so a
+            # resumed run logs exactly what the uninterrupted run logs.
+            if state.step % config.log_every == 0 or final or checkpoint_due:
                 mean_loss = float(window_loss) / window_steps
                 seen = int(window_tokens)
                 state.tokens_seen += seen
@@ -422,9 +429,9 @@ class _Loop:
                         "(try 10× lower), fp16 overflow (use bf16 or fp32), or corrupt data. The best model so far is in "
                         f"{self.out / 'best'}; set nonfinite='skip' to skip such steps instead."
                     )
-                record = self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),
-                                          tokens_seen=state.tokens_seen, learning_rate=learning_rate, train_loss=mean_loss,
-                                          tokens_per_second=speed, elapsed_seconds=self._elapsed())
+                self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),
+                                 tokens_seen=state.tokens_seen, learning_rate=learning_rate, train_loss=mean_loss,
+                                 tokens_per_second=speed, elapsed_seconds=self._elapsed())
                 window_loss.zero_(), window_tokens.zero_()
                 window_steps, window_started = 0, time.perf_counter()
                 if bar is not None:
@@ -440,10 +447,10 @@ class _Loop:
                                  eval_perplexity=result.perplexity, elapsed_seconds=self._elapsed())
                 self._after_eval(result)
                 window_started = time.perf_counter()  # evaluation time does not count against training speed
-            if state.step % config.log_every == 0 or final or state.step % config.eval_every == 0:
+            if state.step % config.log_every == 0 or final or checkpoint_due or state.step % config.eval_every == 0:
                 for callback in self.callbacks:
                     getattr(callback, "on_log", lambda s, h: None)(state, self.history)
-            if config.save_every and state.step % config.save_every == 0 and not final:
+            if checkpoint_due:
                 last_checkpoint = self.save_checkpoint()
                 self.save_history()
             if bar is not None:
