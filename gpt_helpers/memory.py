@@ -1,0 +1,387 @@
+"""How much memory a training run needs, before you start it, and how much it really took.
+
+A training step holds four things in memory:
+
+* **weights** — 4 bytes per parameter (fp32 master weights, also under bf16/fp16 mixed precision, which adds a
+  2-byte working copy of every matrix that takes part in the backward pass);
+* **gradients** — 4 bytes per *trainable* parameter;
+* **optimizer state** — AdamW keeps two fp32 moments: 8 bytes per trainable parameter (SGD with momentum: 4);
+* **activations** — what the forward pass saves for the backward pass. Counted from GPT-2's real structure
+  (see :func:`gpt2_activation_bytes`); for small models the ``batch × sequence × vocabulary`` logits and their
+  gradients dominate.
+
+:func:`estimate_training_memory` adds these up; :func:`measure_peak_memory` measures the real peak (CUDA:
+``torch.cuda.max_memory_allocated``; CPU: the allocation events of PyTorch's profiler). The tests hold the
+estimate to the measured peak of real training steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig
+
+from .errors import ConfigError, ModelLoadError
+from .models import BUNDLED, GPT2_FAMILY, count_parameters, gpt2_family_config, resolve_model_path
+
+GIB = 1024**3
+MIB = 1024**2
+#: Bytes of one activation element for each training precision (mixed precision computes in 16 bits).
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: Optimizer state per trainable parameter: AdamW's two fp32 moments; SGD's one momentum buffer.
+OPTIMIZER_BYTES = {"adamw": 8, "sgd": 4}
+MODES = ("full", "frozen", "lora")
+#: Memory of common GPUs as ``nvidia-smi`` reports it (MiB).
+GPUS = {"T4 16 GB": 15_360, "L4 24 GB": 23_034, "A100 40 GB": 40_960, "A100 80 GB": 81_920, "H100 80 GB": 81_559}
+#: Kept free on a GPU for the CUDA context, kernels and the caching allocator's slack.
+GPU_RESERVE_BYTES = 1 * GIB
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The memory one training step needs, in bytes, by component."""
+
+    model: str
+    parameters: int
+    trainable_parameters: int
+    batch_size: int
+    seq_len: int
+    precision: str
+    mode: str
+    gradient_checkpointing: bool
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations
+
+    def fits(self, gpu_mib: int) -> bool:
+        """Whether the run fits a GPU of ``gpu_mib`` MiB, keeping :data:`GPU_RESERVE_BYTES` free."""
+        return self.total <= gpu_mib * MIB - GPU_RESERVE_BYTES
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+    def __str__(self) -> str:
+        setup = (f"{self.model}: {self.mode} training, {self.trainable_parameters:,} of {self.parameters:,} parameters "
+                 f"trainable, batch {self.batch_size} × {self.seq_len} tokens, {self.precision}"
+                 f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
+        parts = [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer_state),
+                 ("activations", self.activations), ("total", self.total)]
+        return "\n".join([setup] + [f"  {name:<16}{format_bytes(value):>12}" for name, value in parts])
+
+
+@dataclass
+class PeakMemory:
+    """The measured peak of a function: bytes allocated above the level at its start, and how it was measured."""
+
+    peak_bytes: int
+    device: str
+    method: str
+    result: Any = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return f"peak {format_bytes(self.peak_bytes)} above the start ({self.device}, {self.method})"
+
+
+def format_bytes(value: float) -> str:
+    """Bytes as GiB (from 1 GiB) or MiB.
+
+    >>> format_bytes(3 * 1024**3), format_bytes(5 * 1024**2)
+    ('3.00 GiB', '5.0 MiB')
+    """
+    return f"{value / GIB:.2f} GiB" if abs(value) >= GIB else f"{value / MIB:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------ the model's shape
+def _config_of(model_or_config_or_name: Any) -> tuple[PretrainedConfig, str]:
+    source = model_or_config_or_name
+    if isinstance(source, PretrainedConfig):
+        return source, getattr(source, "name_or_path", "") or source.model_type
+    if isinstance(source, torch.nn.Module):
+        config = source.config  # a PeftModel forwards .config to its base model
+        return config, getattr(config, "name_or_path", "") or type(source).__name__
+    name = str(source)
+    if name in GPT2_FAMILY:
+        return gpt2_family_config(name), name
+    path = resolve_model_path(name)
+    if name in BUNDLED or os.path.isdir(path):
+        return AutoConfig.from_pretrained(path), name
+    raise ModelLoadError(
+        f"Cannot size '{name}' offline: it is not a GPT-2 family name ({', '.join(GPT2_FAMILY)}), a bundled model "
+        f"({', '.join(BUNDLED)}) or a local model folder. Pass a model, its config, or one of those names."
+    )
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Parameter counts of a GPT-2 architecture, taken from an instance on the 'meta' device (no memory used)."""
+
+    total: int
+    block: int
+    block_matrices: int
+    final_norm: int
+    head_matrix: int
+    attention: str
+
+
+def _shape(config: PretrainedConfig) -> _Shape:
+    if getattr(config, "model_type", None) != "gpt2":
+        raise ConfigError(
+            f"The activation model covers the GPT-2 architecture; this model is '{getattr(config, 'model_type', '?')}'. "
+            "Measure it instead: gpt_helpers.memory.measure_peak_memory(lambda: train(...))."
+        )
+    return _shape_of(config.to_json_string(), config._attn_implementation)
+
+
+@functools.lru_cache(maxsize=32)
+def _shape_of(config_json: str, attention: str | None) -> _Shape:
+    config = GPT2Config.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    block = model.transformer.h[0]
+    return _Shape(total=count_parameters(model).total, block=count_parameters(block).total,
+                  block_matrices=sum(p.numel() for p in block.parameters() if p.ndim == 2),
+                  final_norm=count_parameters(model.transformer.ln_f).total, head_matrix=model.lm_head.weight.numel(),
+                  attention=model.config._attn_implementation)
+
+
+# ------------------------------------------------------------------------------------------ activations
+def _block_bytes(config: PretrainedConfig, *, attention_kernel: str, seq_len: int, precision: str, device: str,
+                 mode: str, lora_rank: int, lora_targets: Sequence[str]) -> float:
+    """Bytes one GPT-2 block saves for backward, per token (measured op by op with saved-tensor hooks).
+
+    Residual stream (fp32 even under autocast): the inputs of ``ln_1`` and ``ln_2`` (2h). In the compute
+    precision: the inputs of ``c_attn`` and ``c_fc`` (h each) and of the MLP's ``c_proj`` (4h); attention 6h
+    (q, k, v, contiguous copies, output; SDPA's fused kernels never store the s × s matrix); GPT-2's ``gelu_new``
+    is a Python formula that saves four 4h tensors. Frozen matrices (LoRA) save no input; each LoRA adapter saves
+    its dropout mask, dropped input and rank-sized output. CPU's SDPA falls back to the plain-math kernel when
+    attention dropout is on (as does ``attn_implementation='eager'``), which stores three s × s matrices per head.
+    """
+    h = config.n_embd
+    inner = config.n_inner or 4 * h
+    compute = COMPUTE_BYTES[precision]
+    mask = 1 if device == "cuda" else compute  # CUDA dropout masks are bool; CPU's are in the compute dtype
+    math_attention = attention_kernel == "eager" or (device == "cpu" and config.attn_pdrop > 0)
+    attention = 4 * h if math_attention else 6 * h
+    activation = 4 * inner if config.activation_function == "gelu_new" else inner
+    saved = 4 * 2 * h + compute * (attention + activation)
+    if math_attention:  # softmax output, dropout mask, dropped weights; softmax runs in fp32 under autocast
+        saved += 4 * 3 * config.n_head * seq_len
+    if mode == "lora":
+        widths = {"c_attn": h, "c_proj": h + inner, "c_fc": h}
+        saved += sum(compute * (2 * widths[target] + lora_rank) for target in lora_targets)
+    else:
+        saved += compute * (h + h + inner)  # inputs of c_attn, c_fc and the MLP's c_proj, for weight gradients
+    if config.resid_pdrop > 0:
+        saved += mask * 2 * h  # the residual dropouts after attention and after the MLP
+    return saved
+
+
+def gpt2_activation_bytes(config: PretrainedConfig, *, batch_size: int, seq_len: int, precision: str = "fp32",
+                          mode: str = "full", backward_blocks: int | None = None, gradient_checkpointing: bool = False,
+                          lora_rank: int = 8, lora_targets: Sequence[str] = ("c_attn",), device: str = "cuda") -> int:
+    """Peak activation bytes of one GPT-2 training step with :func:`gpt_helpers.train`'s loss.
+
+    ``backward_blocks``: how many top blocks the backward pass goes through (all by default; a frozen lower
+    part saves nothing). Gradient checkpointing keeps only each block's input and recomputes one block at a time.
+    The loss adds ``batch × seq × vocab`` terms: the logits (compute precision) plus, at the start of backward,
+    the fp32 log-probabilities, their gradient and the logits' gradient.
+
+    >>> from gpt_helpers.models import gpt2_family_config
+    >>> gpt2_activation_bytes(gpt2_family_config("gpt2"), batch_size=1, seq_len=1024) // 2**20
+    1890
+    """
+    kernel = _shape(config).attention
+    blocks = config.n_layer if backward_blocks is None else backward_blocks
+    tokens = batch_size * seq_len
+    compute = COMPUTE_BYTES[precision]
+    block = _block_bytes(config, attention_kernel=kernel, seq_len=seq_len, precision=precision, device=device, mode=mode,
+                         lora_rank=lora_rank, lora_targets=lora_targets)
+    head = 4 * config.n_embd + compute * config.n_embd  # inputs of ln_f and lm_head
+    embeddings = 8 if mode == "full" else 0  # token ids, for the embedding gradient
+    if mode == "full" and config.embd_pdrop > 0:
+        embeddings += (1 if device == "cuda" else compute) * config.n_embd
+    loss_peak = config.vocab_size * (compute + 3 * 4)
+    if gradient_checkpointing and blocks:
+        # block inputs stay; one block is recomputed at a time, after the loss buffers but the logits are freed
+        peak = blocks * 4 * config.n_embd + max(loss_peak, block + compute * config.vocab_size)
+    else:
+        peak = blocks * block + loss_peak
+    return int(tokens * (peak + head + embeddings))
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+def _trainable(config: PretrainedConfig, shape: _Shape, mode: str, trainable_fraction: float | None,
+               trainable_blocks: int, lora_rank: int, lora_targets: Sequence[str]) -> int:
+    if mode == "full":
+        return shape.total
+    if mode == "frozen":
+        if trainable_fraction is not None:
+            return int(round(trainable_fraction * shape.total))
+        return trainable_blocks * shape.block + shape.final_norm
+    h, inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    shapes = {"c_attn": [(h, 3 * h)], "c_proj": [(h, h), (inner, h)], "c_fc": [(h, inner)]}
+    return config.n_layer * sum(lora_rank * (fan_in + fan_out) for target in lora_targets for fan_in, fan_out in shapes[target])
+
+
+def _check_arguments(batch_size: int, seq_len: int, precision: str, mode: str, optimizer: str, device: str,
+                     lora_targets: Sequence[str]) -> None:
+    if batch_size < 1 or seq_len < 1:
+        raise ConfigError(f"batch_size and seq_len must be at least 1, not {batch_size} and {seq_len}.")
+    for name, value, choices in (("precision", precision, COMPUTE_BYTES), ("mode", mode, MODES),
+                                 ("optimizer", optimizer, OPTIMIZER_BYTES), ("device", device, ("cuda", "cpu"))):
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}.")
+    unknown = set(lora_targets) - {"c_attn", "c_proj", "c_fc"}
+    if unknown:
+        raise ConfigError(f"Unknown LoRA target(s) {sorted(unknown)} for GPT-2: use c_attn, c_proj or c_fc.")
+
+
+def estimate_training_memory(model_or_config_or_name: Any, *, batch_size: int, seq_len: int, precision: str = "fp32",
+                             mode: str = "full", trainable_fraction: float | None = None, trainable_blocks: int = 1,
+                             lora_rank: int = 8, lora_targets: Sequence[str] = ("c_attn",),
+                             gradient_checkpointing: bool = False, optimizer: str = "adamw",
+                             device: str = "cuda") -> MemoryEstimate:
+    """Estimate the memory of training a GPT-2-architecture model with :func:`gpt_helpers.train`.
+
+    ``model_or_config_or_name``: a model, its config, a GPT-2 family name (``"gpt2-medium"``), the bundled
+    model's name or a local folder (nothing is downloaded, no weights are loaded). ``mode``: ``"full"``
+    (every parameter trains), ``"frozen"`` (the top ``trainable_blocks`` blocks and the final LayerNorm train;
+    ``trainable_fraction`` overrides the count of trainable parameters) or ``"lora"`` (adapters of rank
+    ``lora_rank`` on ``lora_targets``). ``device`` matters only for details (CPU dropout masks and attention
+    kernels). Counts eager PyTorch; ``torch.compile`` (``train``'s default on CUDA) fuses operations and usually
+    saves less, so there the estimate is an upper bound. Gradients are counted in full although the real peak
+    often comes before the last ones are allocated. Measured on CPU: within 11% of the peak of ``train`` for
+    full, frozen, LoRA, checkpointed, dropout and bf16 runs (``tests/test_memory.py``).
+
+    >>> estimate = estimate_training_memory("gpt2", batch_size=8, seq_len=1024, precision="bf16")
+    >>> round(estimate.total / 2**30, 1), estimate.fits(GPUS["T4 16 GB"])
+    (12.1, True)
+    """
+    _check_arguments(batch_size, seq_len, precision, mode, optimizer, device, lora_targets)
+    config, label = _config_of(model_or_config_or_name)
+    shape = _shape(config)
+    if not 1 <= trainable_blocks <= config.n_layer:
+        raise ConfigError(f"trainable_blocks must be between 1 and {config.n_layer} (the model's blocks), not {trainable_blocks}.")
+    if trainable_fraction is not None and not 0 < trainable_fraction <= 1:
+        raise ConfigError(f"trainable_fraction must be in (0, 1], not {trainable_fraction}.")
+    trainable = _trainable(config, shape, mode, trainable_fraction, trainable_blocks, lora_rank, lora_targets)
+    backward_blocks = trainable_blocks if mode == "frozen" else config.n_layer
+    weights = 4 * shape.total
+    if precision != "fp32":  # autocast's 16-bit copies of the matrices the backward pass goes through
+        weights += 2 * (backward_blocks * shape.block_matrices + shape.head_matrix)
+    activations = gpt2_activation_bytes(config, batch_size=batch_size, seq_len=seq_len, precision=precision, mode=mode,
+                                        backward_blocks=backward_blocks, gradient_checkpointing=gradient_checkpointing,
+                                        lora_rank=lora_rank, lora_targets=lora_targets, device=device)
+    return MemoryEstimate(model=label, parameters=shape.total, trainable_parameters=trainable, batch_size=batch_size,
+                          seq_len=seq_len, precision=precision, mode=mode, gradient_checkpointing=gradient_checkpointing,
+                          weights=weights, gradients=4 * trainable, optimizer_state=OPTIMIZER_BYTES[optimizer] * trainable,
+                          activations=activations)
+
+
+def gpt2_family_table(batch_size: int = 8, seq_len: int = 1024, precision: str = "bf16", *,
+                      lora_rank: int = 8) -> list[dict[str, Any]]:
+    """Size every GPT-2 family member offline: parameters, file size, and training memory per strategy.
+
+    Each row: ``model``, ``parameters``, ``disk_fp32`` / ``disk_fp16`` (bytes of a safetensors file),
+    ``full`` / ``frozen`` (top block trains) / ``lora`` (:class:`MemoryEstimate`), and ``fits_full`` /
+    ``fits_frozen`` / ``fits_lora`` (the GPUs of :data:`GPUS` it fits on, 1 GiB kept free).
+
+    >>> rows = gpt2_family_table(batch_size=8, seq_len=1024)
+    >>> [row["model"] for row in rows][-1], rows[0]["parameters"]
+    ('gpt2-xl', 81912576)
+    """
+    rows = []
+    for name in GPT2_FAMILY:
+        estimates = {mode: estimate_training_memory(name, batch_size=batch_size, seq_len=seq_len, precision=precision,
+                                                    mode=mode, lora_rank=lora_rank) for mode in MODES}
+        parameters = estimates["full"].parameters
+        row: dict[str, Any] = {"model": name, "parameters": parameters, "disk_fp32": 4 * parameters, "disk_fp16": 2 * parameters}
+        for mode, estimate in estimates.items():
+            row[mode] = estimate
+            row[f"fits_{mode}"] = [gpu for gpu, mib in GPUS.items() if estimate.fits(mib)]
+        rows.append(row)
+    return rows
+
+
+def family_table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`gpt2_family_table` as a Markdown table (memory in GiB, smallest GPU that fits)."""
+    def smallest(gpus: list[str]) -> str:
+        return gpus[0] if gpus else "none listed"
+
+    lines = ["| model | parameters | file fp32 / fp16 | full | smallest GPU | frozen body | LoRA | smallest GPU (LoRA) |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['parameters'] / 1e6:,.0f}M | {format_bytes(row['disk_fp32'])} / "
+                     f"{format_bytes(row['disk_fp16'])} | {format_bytes(row['full'].total)} | {smallest(row['fits_full'])} | "
+                     f"{format_bytes(row['frozen'].total)} | {format_bytes(row['lora'].total)} | {smallest(row['fits_lora'])} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` under PyTorch's profiler and replay every CPU allocation and free in time order.
+
+    The profiler records each allocation of PyTorch's CPU allocator with its size (frees as negative sizes),
+    so the running sum is exactly the bytes held by tensors, like CUDA's allocated-bytes counter — unlike
+    the process's RSS, which also moves with malloc's caching and Python objects.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = fn()
+    events, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        pending.extend(node.children)
+    current = peak = 0
+    for _, size in sorted(events):
+        current += size
+        peak = max(peak, current)
+    return result, peak
+
+
+def measure_peak_memory(fn: Callable[[], Any], *, device: str | None = None) -> PeakMemory:
+    """Run ``fn()`` and measure the peak of tensor memory above the level when it started.
+
+    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the profiler's allocation events (see
+    :func:`_cpu_peak`), which slow ``fn`` down a little. ``fn``'s return value is kept in ``.result``.
+
+    >>> measure_peak_memory(lambda: torch.zeros(1024, 1024), device="cpu").peak_bytes
+    4194304
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        return PeakMemory(torch.cuda.max_memory_allocated() - start, "cuda", "torch.cuda.max_memory_allocated", result)
+    if device != "cpu":
+        raise ConfigError(f"measure_peak_memory measures 'cuda' or 'cpu', not {device!r}.")
+    result, peak = _cpu_peak(fn)
+    return PeakMemory(peak, "cpu", "profiler allocation events", result)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (shared tensors once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

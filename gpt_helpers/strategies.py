@@ -1,0 +1,509 @@
+"""Transfer-learning strategies: what to train of a pre-trained model, and how fast each part learns.
+
+Every strategy here works on GPT-2-family models and on other decoder-only architectures (GPT-NeoX, Llama…):
+
+* :func:`freeze` — freeze the embeddings, the lower *k* blocks, or everything but the top / the head;
+* :func:`discriminative_param_groups` — ULMFiT's layer-wise learning rates (each block below learns 2.6× slower);
+* :class:`GradualUnfreezing` — a callback that unfreezes one more block from the top every N steps of one run;
+* :func:`apply_lora` / :func:`merge_lora` / :func:`save_merged` — low-rank adapters with ``peft``;
+* :func:`from_scratch` — the same architecture, randomly initialised: the baseline every strategy must beat;
+* :func:`compare_strategies` and :func:`data_efficiency_sweep` — run several strategies on the same data,
+  seed and budget and return a table plus the histories.
+
+A model is seen as levels, bottom to top: ``embeddings`` (token and position embeddings), ``block 0`` …
+``block L-1``, ``head`` (final norm, and the output layer when it is not tied to the token embeddings).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from . import checkpoints
+from .config import TrainingConfig
+from .errors import ConfigError
+from .history import History
+from .memory import measure_peak_memory
+from .models import ParameterCount, build_model_from_config, count_parameters, load_model
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("full", "head_only", "frozen_body", "freeze_lower_half", "discriminative", "gradual_unfreezing",
+              "lora", "from_scratch")
+ULMFIT_DECAY = 2.6
+
+
+# ------------------------------------------------------------------------------------------ the model's levels
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks, bottom first (GPT-2 ``transformer.h``, NeoX ``gpt_neox.layers``…).
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> len(transformer_blocks(build_model_from_config(tiny_gpt2_config(n_layer=3))))
+    3
+    """
+    base = _base_model(model)
+    layers = getattr(base.config, "num_hidden_layers", None)
+    for _, module in base.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers and layers:
+            return module
+    raise ConfigError(
+        f"Could not find the transformer blocks of {type(base).__name__}: no list of {layers} layers (the config's "
+        "num_hidden_layers). The strategies support decoder-only models such as GPT-2, GPT-NeoX and Llama."
+    )
+
+
+def model_levels(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
+    """Every parameter once, grouped bottom to top: embeddings, block 0 … block L-1, head.
+
+    A tied output layer (GPT-2's ``lm_head`` is ``wte``) belongs to ``embeddings``.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> [name for name, _ in model_levels(build_model_from_config(tiny_gpt2_config()))]
+    ['embeddings', 'block 0', 'block 1', 'head']
+    """
+    base = _base_model(model)
+    blocks = transformer_blocks(base)
+    seen: set[int] = set()
+
+    def take(parameters) -> list[torch.nn.Parameter]:
+        fresh = [p for p in parameters if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        return fresh
+
+    block_params = [take(block.parameters()) for block in blocks]
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    embedding_modules = [m for m in base.modules() if isinstance(m, torch.nn.Embedding) and id(m) not in in_blocks]
+    embeddings = take(p for module in embedding_modules for p in module.parameters())
+    head = take(base.parameters())
+    levels = [("embeddings", embeddings)] + [(f"block {i}", params) for i, params in enumerate(block_params)]
+    return levels + [("head", head)]
+
+
+def head_is_tied(model: torch.nn.Module) -> bool:
+    """True when the output layer shares its weight with the token embeddings (GPT-2, and many small models)."""
+    base = _base_model(model)
+    output = base.get_output_embeddings()
+    return output is not None and output.weight is base.get_input_embeddings().weight
+
+
+def _set_trainable(parameters, trainable: bool) -> None:
+    for parameter in parameters:
+        parameter.requires_grad_(trainable)
+
+
+# ------------------------------------------------------------------------------------------ freezing
+def freeze(model: torch.nn.Module, *, embeddings: bool = False, lower_blocks: int = 0, all_but_head: bool = False,
+           keep_last_blocks: int | None = None) -> ParameterCount:
+    """Set which parameters train (starting from all of them) and return the trainable / total count.
+
+    * ``embeddings=True`` freezes token and position embeddings;
+    * ``lower_blocks=k`` freezes the bottom *k* transformer blocks;
+    * ``keep_last_blocks=n`` trains only the top *n* blocks, the final norm and an untied output layer;
+    * ``all_but_head=True`` trains only the output layer and the final norm. GPT-2 ties its output layer to
+      the token embeddings (``lm_head.weight is transformer.wte.weight``), so there "the head" is that shared
+      vocabulary × hidden matrix — a third of GPT-2's parameters — and training it changes the input embeddings
+      too. For a genuinely small trainable top on a tied model, use ``keep_last_blocks=1``.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> model = build_model_from_config(tiny_gpt2_config(n_layer=4))
+    >>> freeze(model, embeddings=True, lower_blocks=2).trainable < count_parameters(model).total
+    True
+    """
+    if _is_peft(model):
+        raise ConfigError("This is a LoRA (peft) model: its base is already frozen. Call freeze() before apply_lora(), or not at all.")
+    levels = model_levels(model)
+    n_blocks = len(levels) - 2
+    if all_but_head and (embeddings or lower_blocks or keep_last_blocks is not None):
+        raise ConfigError("all_but_head=True already freezes everything else: do not combine it with embeddings, lower_blocks or keep_last_blocks.")
+    if keep_last_blocks is not None:
+        if lower_blocks:
+            raise ConfigError("Use either lower_blocks or keep_last_blocks, not both.")
+        if not 1 <= keep_last_blocks <= n_blocks:
+            raise ConfigError(f"keep_last_blocks must be between 1 and {n_blocks} (the model's blocks), not {keep_last_blocks}.")
+        embeddings, lower_blocks = True, n_blocks - keep_last_blocks
+    if not 0 <= lower_blocks <= n_blocks:
+        raise ConfigError(f"lower_blocks must be between 0 and {n_blocks} (the model's blocks), not {lower_blocks}.")
+    _set_trainable(model.parameters(), not all_but_head)
+    if all_but_head:
+        _set_trainable(levels[-1][1], True)
+        output = _base_model(model).get_output_embeddings()
+        if head_is_tied(model):
+            output.weight.requires_grad_(True)
+            logger.warning("The output layer is tied to the token embeddings: 'head only' trains that shared %s matrix "
+                           "(%s parameters), which changes the input embeddings too. keep_last_blocks=1 trains the top "
+                           "block instead.", "×".join(map(str, output.weight.shape)), f"{output.weight.numel():,}")
+    else:
+        if embeddings:
+            _set_trainable(levels[0][1], False)
+        for _, parameters in levels[1:1 + lower_blocks]:
+            _set_trainable(parameters, False)
+    counts = count_parameters(model)
+    logger.info("Trainable parameters: %s", counts)
+    return counts
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set every dropout probability of the model (modules, attention kernels' rates and the config); return
+    how many places changed. LoRA's adapter dropout is a dropout module too, so it changes as well.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> set_dropout(build_model_from_config(tiny_gpt2_config()), 0.2) > 0
+    True
+    """
+    if not 0 <= p < 1:
+        raise ConfigError(f"A dropout probability must be in [0, 1), not {p}. Typical values: 0.0 to 0.2.")
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+            changed += 1
+        elif isinstance(getattr(module, "attention_dropout", None), float):  # rate passed to the attention kernel
+            module.attention_dropout = p
+            changed += 1
+    config = _base_model(model).config
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, p)
+    return changed
+
+
+def from_scratch(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
+    """The same architecture with fresh random weights: the baseline for every transfer strategy.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> model = build_model_from_config(tiny_gpt2_config())
+    >>> type(from_scratch(model)) is type(model)
+    True
+    """
+    base = _base_model(model)
+    dtype = next(base.parameters()).dtype
+    return build_model_from_config(base.config, seed=seed, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ learning rates
+def discriminative_param_groups(model: torch.nn.Module, base_lr: float, *, decay: float = ULMFIT_DECAY,
+                                weight_decay: float = 0.01) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with ULMFiT's layer-wise learning rates, for ``train(param_groups=...)``.
+
+    The top block (and the head) learn at ``base_lr``, each block below at the rate of the one above divided by
+    ``decay``, the embeddings (with a tied output layer) slowest: ``base_lr / decay**L``. Weight decay applies to
+    matrices only. Frozen parameters are included, so a later unfreeze trains them at their level's rate.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> groups = discriminative_param_groups(build_model_from_config(tiny_gpt2_config(n_layer=2)), 1e-3)
+    >>> {g["name"]: round(g["lr"], 6) for g in groups}
+    {'embeddings': 0.000148, 'block 0': 0.000385, 'block 1': 0.001, 'head': 0.001}
+    """
+    if not 0 < base_lr < 1:
+        raise ConfigError(f"base_lr must be between 0 and 1, not {base_lr}.")
+    if decay < 1:
+        raise ConfigError(f"decay must be at least 1 (1 = the same rate everywhere; ULMFiT used 2.6), not {decay}.")
+    levels = model_levels(model)
+    top_block = len(levels) - 2
+    groups = []
+    for index, (name, parameters) in enumerate(levels):
+        lr = base_lr / decay ** (top_block - min(index, top_block))
+        for wd, members in ((weight_decay, [p for p in parameters if p.ndim >= 2]), (0.0, [p for p in parameters if p.ndim < 2])):
+            if members:
+                groups.append({"params": members, "lr": lr, "weight_decay": wd, "name": name})
+    return groups
+
+
+class GradualUnfreezing:
+    """A :func:`gpt_helpers.train` callback: start with only the top block (and the head) trainable, then unfreeze
+    one more level from the top every ``every_steps`` steps, the embeddings last (ULMFiT, per steps not epochs).
+
+    It works inside one run because ``train`` keeps frozen parameters in the optimizer. The step at which each
+    level was unfrozen goes into ``history.info["gradual_unfreezing"]``; a resumed run restores the right stage.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> schedule = GradualUnfreezing(build_model_from_config(tiny_gpt2_config(n_layer=3)), every_steps=10)
+    >>> schedule.stages[0], schedule.stages[-1]
+    (['head', 'block 2'], ['embeddings'])
+    """
+
+    def __init__(self, model: torch.nn.Module, every_steps: int):
+        if not isinstance(every_steps, int) or every_steps < 1:
+            raise ConfigError(f"every_steps must be a whole number of at least 1, not {every_steps!r}.")
+        if _is_peft(model):
+            raise ConfigError("Gradual unfreezing needs a plain model, not a LoRA (peft) model.")
+        levels = dict(model_levels(model))
+        names = list(levels)
+        self.model = model
+        self.every_steps = every_steps
+        self.parameters = levels
+        self.stages = [["head", names[-2]]] + [[name] for name in reversed(names[:-2])]
+        self.unfrozen_at: dict[str, int] = {}
+        self._apply(step=0)
+
+    def stage_count(self, step: int) -> int:
+        """How many stages are trainable after ``step`` steps."""
+        return min(1 + step // self.every_steps, len(self.stages))
+
+    def _apply(self, step: int) -> None:
+        count = self.stage_count(step)
+        _set_trainable(self.model.parameters(), False)
+        for index, stage in enumerate(self.stages[:count]):
+            for name in stage:
+                _set_trainable(self.parameters[name], True)
+                if name not in self.unfrozen_at:
+                    self.unfrozen_at[name] = index * self.every_steps
+                    if index:
+                        logger.info("Step %d: unfroze %s (%s).", step, name, count_parameters(self.model))
+
+    def on_train_begin(self, state) -> None:
+        self._apply(state.step)
+
+    def on_step_end(self, state) -> None:
+        if state.step % self.every_steps == 0:
+            self._apply(state.step)
+
+    def on_train_end(self, state, history: History) -> None:
+        history.info["gradual_unfreezing"] = {"every_steps": self.every_steps, "unfrozen_at_step": dict(self.unfrozen_at)}
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def _default_lora_targets(model: torch.nn.Module) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = _base_model(model).config.model_type
+    if model_type not in DEFAULTS:
+        raise ConfigError(f"No default LoRA targets for model type '{model_type}': pass target_modules=[...] naming its "
+                          "attention projections (see print(model)).")
+    return list(DEFAULTS[model_type])
+
+
+def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+               target_modules: Sequence[str] | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters (``peft``): the base is frozen, only the low-rank matrices train.
+
+    Default targets are the attention projections: GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, Llama
+    ``q_proj`` and ``v_proj``. For GPT-2 add ``"c_proj"`` to adapt the attention's and the MLP's output
+    projections too. GPT-2's ``Conv1D`` layers store weights transposed: ``fan_in_fan_out`` is set for them.
+    The adapters start as a no-op (B = 0): the wrapped model computes exactly what the base model did.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> lora = apply_lora(build_model_from_config(tiny_gpt2_config()), r=4)
+    >>> count_parameters(lora).trainable
+    1024
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if _is_peft(model):
+        raise ConfigError("This model already has LoRA adapters. Start again from the base model, or merge them with merge_lora().")
+    if r < 1:
+        raise ConfigError(f"The LoRA rank r must be at least 1, not {r}. Typical values: 4 to 64.")
+    targets = list(target_modules) if target_modules else _default_lora_targets(model)
+    matched = [m for name, m in model.named_modules() if name.split(".")[-1] in targets]
+    if not matched:
+        raise ConfigError(f"No module of {type(model).__name__} is named {targets}. Pick names from print(model), "
+                          "for GPT-2 'c_attn' and 'c_proj'.")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched))
+    lora_model = get_peft_model(model, config)
+    logger.info("LoRA r=%d on %s: %s", r, ", ".join(targets), count_parameters(lora_model))
+    return lora_model
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold the adapters into the base weights and return the plain model (same outputs, no peft needed).
+
+    The merge happens in place: the LoRA model now computes with merged weights and has no adapters left to train.
+    """
+    if not _is_peft(model):
+        raise ConfigError("merge_lora needs a LoRA model (from apply_lora); this one has no adapters.")
+    return model.merge_and_unload()
+
+
+def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
+    """Merge LoRA adapters (if any) and save a plain model folder that ``load_model`` / ``AutoModelForCausalLM`` load.
+
+    >>> from gpt_helpers.models import load_model
+    >>> model, tok = load_model()
+    >>> save_merged(apply_lora(model), tok, "/tmp/merged-doctest").name
+    'merged-doctest'
+    """
+    plain = merge_lora(model) if _is_peft(model) else model
+    return checkpoints.save_model_folder(Path(folder), plain, tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ comparing
+def _setup(strategy: str, model_name: str, config: TrainingConfig, learning_rate: float, lora_rank: int,
+           unfreeze_every: int | None):
+    """A fresh model for ``strategy`` with the param groups and callbacks it trains with."""
+    model, tokenizer = load_model(model_name, random_init=strategy == "from_scratch", seed=config.seed)
+    n_blocks = len(transformer_blocks(model))
+    param_groups, callbacks = None, []
+    if strategy == "head_only":
+        freeze(model, all_but_head=True)
+    elif strategy == "frozen_body":
+        freeze(model, keep_last_blocks=1)
+    elif strategy == "freeze_lower_half":
+        freeze(model, embeddings=True, lower_blocks=n_blocks // 2)
+    elif strategy == "discriminative":
+        param_groups = discriminative_param_groups(model, learning_rate, weight_decay=config.weight_decay)
+    elif strategy == "gradual_unfreezing":
+        if unfreeze_every is None and not config.max_steps:
+            raise ConfigError("gradual_unfreezing with a time budget needs unfreeze_every=<steps>.")
+        every = unfreeze_every or max(1, config.max_steps // (n_blocks + 1))
+        callbacks = [GradualUnfreezing(model, every)]
+    elif strategy == "lora":
+        model = apply_lora(model, r=lora_rank)
+    return model, tokenizer, param_groups, callbacks
+
+
+def _check_strategies(strategies: Sequence[str]) -> None:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(f"Unknown strategy {unknown or '(none given)'}: choose from {', '.join(STRATEGIES)}.")
+    if len(set(strategies)) != len(strategies):
+        raise ConfigError(f"Each strategy once, please: {list(strategies)}.")
+
+
+def _probe_peak(strategy: str, model_name: str, train_data, config: TrainingConfig, learning_rate: float,
+                lora_rank: int, unfreeze_every: int | None) -> int:
+    """Peak tensor memory of loading the strategy's model and taking two training steps.
+
+    Gradual unfreezing ends with every parameter trainable, so its peak is measured in that final state (as full).
+    """
+    from .training import train
+
+    if strategy == "gradual_unfreezing":
+        strategy = "full"
+
+    with tempfile.TemporaryDirectory(prefix="gpt-helpers-probe-") as folder:
+        probe = config.replace(output_dir=folder, max_steps=2, epochs=None, max_time_seconds=None, save_best=False,
+                               save_final=False, save_every=None, resume=False, plot=False, progress=False)
+
+        def run() -> None:
+            model, tokenizer, groups, callbacks = _setup(strategy, model_name, probe, learning_rate, lora_rank, unfreeze_every)
+            train(model, tokenizer, train_data, None, probe, param_groups=groups, callbacks=callbacks)
+
+        return measure_peak_memory(run).peak_bytes
+
+
+def _row(strategy: str, model: torch.nn.Module, history: History, wall: float, peak: int | None) -> dict[str, Any]:
+    counts = count_parameters(model)
+    best = history.best
+    speeds = history.column("tokens_per_second")[1]
+    train_losses = history.column("train_loss")[1]
+    return {
+        "strategy": strategy, "trainable_parameters": counts.trainable, "total_parameters": counts.total,
+        "trainable_percent": 100 * counts.trainable_fraction,
+        "peak_memory_mb": None if peak is None else peak / 2**20, "wall_seconds": wall,
+        "tokens_per_second": statistics.median(speeds) if speeds else None,
+        "steps": history.final.step if history.final else 0,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "best_eval_loss": best.eval_loss if best else None,
+        "best_perplexity": best.eval_perplexity if best else None,
+        "best_step": best.step if best else None,
+    }
+
+
+def compare_strategies(model_name_or_path: str, strategies: Sequence[str], train_data, eval_data,
+                       config: TrainingConfig, *, learning_rates: dict[str, float] | None = None, lora_rank: int = 8,
+                       unfreeze_every: int | None = None, measure_memory: bool = True
+                       ) -> tuple[list[dict[str, Any]], dict[str, History]]:
+    """Train each strategy from the same starting model, on the same data, seed and budget; return a table and
+    the histories (``{strategy: History}``, e.g. for :func:`gpt_helpers.plot_history`).
+
+    The budget is ``config``'s: ``max_steps`` and/or ``max_time_seconds``. Every strategy uses
+    ``config.learning_rate`` unless ``learning_rates`` names another (LoRA and from-scratch often want more:
+    ``{"lora": 2e-3}``). Each run writes to ``config.output_dir/<strategy>``. Row keys: ``strategy``,
+    ``trainable_parameters`` (at the end of the run), ``total_parameters``, ``trainable_percent``, ``peak_memory_mb``
+    (tensor memory of loading the model and two training steps, measured separately so the timed run is not slowed;
+    gradual unfreezing in its final, all-trainable state),
+    ``wall_seconds``, ``tokens_per_second`` (median of the logged training speeds), ``steps``, ``final_train_loss``,
+    ``best_eval_loss``, ``best_perplexity``, ``best_step``.
+
+    >>> rows, histories = compare_strategies("tiny-gpt2-base", ["full", "lora"], train, val,
+    ...     TrainingConfig(max_steps=50, output_dir="runs/compare"))  # doctest: +SKIP
+    """
+    from .training import train
+
+    _check_strategies(strategies)
+    learning_rates = dict(learning_rates or {})
+    unknown = set(learning_rates) - set(strategies)
+    if unknown:
+        raise ConfigError(f"learning_rates names strategies that are not compared: {sorted(unknown)}.")
+    rows, histories = [], {}
+    for strategy in strategies:
+        learning_rate = learning_rates.get(strategy, config.learning_rate)
+        run_config = config.replace(output_dir=str(Path(config.output_dir) / strategy), learning_rate=learning_rate)
+        peak = (_probe_peak(strategy, model_name_or_path, train_data, run_config, learning_rate, lora_rank, unfreeze_every)
+                if measure_memory else None)
+        model, tokenizer, groups, callbacks = _setup(strategy, model_name_or_path, run_config, learning_rate, lora_rank,
+                                                     unfreeze_every)
+        logger.info("Strategy %s: %s", strategy, count_parameters(model))
+        started = time.perf_counter()
+        result = train(model, tokenizer, train_data, eval_data, run_config, param_groups=groups, callbacks=callbacks)
+        rows.append(_row(strategy, result.model, result.history, time.perf_counter() - started, peak))
+        histories[strategy] = result.history
+    return rows, histories
+
+
+def subset(dataset, fraction: float, *, seed: int = 0):
+    """The first ``fraction`` of a seeded shuffle of ``dataset`` (smaller fractions are nested in larger ones).
+
+    >>> from gpt_helpers.data import LMDataset
+    >>> len(subset(LMDataset(torch.zeros(10, 4, dtype=torch.long)), 0.3))
+    3
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"A fraction of the training set must be in (0, 1], not {fraction}.")
+    count = max(1, round(len(dataset) * fraction))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    if hasattr(dataset, "input_ids"):
+        return type(dataset)(dataset.input_ids[order], dataset.attention_mask[order])
+    return torch.utils.data.Subset(dataset, order.tolist())
+
+
+def data_efficiency_sweep(model_name_or_path: str, fractions: Sequence[float], train_data, eval_data,
+                          config: TrainingConfig, *, strategies: Sequence[str] = ("full", "from_scratch"),
+                          learning_rates: dict[str, float] | None = None
+                          ) -> tuple[list[dict[str, Any]], dict[str, History]]:
+    """How much labelled data does pre-training save? Train each strategy on growing fractions of the data.
+
+    Same budget at every fraction (small fractions repeat their data, and the best validation loss is kept).
+    Rows: ``fraction``, ``train_examples``, ``strategy`` and the columns of :func:`compare_strategies`;
+    histories are keyed ``"<fraction>/<strategy>"``. Runs write to ``config.output_dir/fraction-<f>/<strategy>``.
+
+    >>> rows, _ = data_efficiency_sweep("tiny-gpt2-base", [0.1, 1.0], train, val,
+    ...                                 TrainingConfig(max_steps=50))  # doctest: +SKIP
+    """
+    if not fractions:
+        raise ConfigError("Give at least one fraction of the training set, e.g. [0.1, 0.3, 1.0].")
+    rows, histories = [], {}
+    for fraction in sorted(fractions):
+        part = subset(train_data, fraction, seed=config.seed)
+        part_config = config.replace(output_dir=str(Path(config.output_dir) / f"fraction-{fraction:g}"))
+        part_rows, part_histories = compare_strategies(model_name_or_path, strategies, part, eval_data, part_config,
+                                                       learning_rates=learning_rates, measure_memory=False)
+        rows += [{"fraction": fraction, "train_examples": len(part), **row} for row in part_rows]
+        histories.update({f"{fraction:g}/{name}": history for name, history in part_histories.items()})
+    return rows, histories
+
+
+def best_by(rows: list[dict[str, Any]], key: str = "best_eval_loss") -> dict[str, Any]:
+    """The row with the lowest finite ``key`` (e.g. the strategy with the best validation loss)."""
+    finite = [row for row in rows if row.get(key) is not None and math.isfinite(row[key])]
+    if not finite:
+        raise ConfigError(f"No row has a finite '{key}': did every run diverge or skip evaluation?")
+    return min(finite, key=lambda row: row[key])
