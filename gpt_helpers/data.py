@@ -145,7 +145,7 @@ def _load_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
 def _load_txt(path: Path) -> list[str]:
     """A plain-text file: one document per blank-line-separated paragraph block."""
     content = _read_utf8(path)
-    texts = [block.strip("\n") for block in re.split(r"\n\s*\n", content)]
+    texts = [block.strip("\n") for block in re.split(r"\n\s*\n", content) if block.strip()]
     for number, text in enumerate(texts, start=1):
         _check_text(text, f"{path}, paragraph {number}", "text")
     return texts
@@ -219,6 +219,9 @@ def load_course_dataset(name: str, split: str = "train", *, field: str = "text")
     if field == "text":
         return _load_jsonl(path, "text")
     rows = [json.loads(line) for line in _read_utf8(path).splitlines() if line.strip()]
+    for number, row in enumerate(rows, start=1):
+        if field not in row:
+            raise DataError(f"{path}, row {number}: no '{field}' field. Choose one of: {', '.join(row)}.")
     return [row[field] for row in rows]
 
 
@@ -510,7 +513,9 @@ def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, m
         dataset = LMDataset(blocks)
         report = DataReport(mode="pack", examples=len(dataset), tokens_left_over=left_over, **common)
     else:
-        ids, mask, truncated = pad_sequences(token_lists, block_size, tokenizer.pad_token_id)
+        # Any id can fill padding (labels and attention ignore it); a raw GPT-2 tokenizer has no pad token.
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        ids, mask, truncated = pad_sequences(token_lists, block_size, pad_id)
         dataset = LMDataset(ids, mask)
         report = DataReport(
             mode="pad", examples=len(dataset), rows_truncated=truncated,

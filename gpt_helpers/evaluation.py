@@ -95,7 +95,8 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
              repetition_penalty: float = 1.0, seed: int | None = 0) -> list[str]:
     """Continue one prompt or several; returns the generated continuations (prompt not included).
 
-    ``do_sample=False`` gives greedy decoding; ``seed`` makes sampling repeatable.
+    ``do_sample=False`` gives greedy decoding; ``seed`` makes sampling repeatable. An empty prompt starts a
+    new text from the EOS token.
 
     >>> from gpt_helpers.models import load_model
     >>> model, tok = load_model()
@@ -103,6 +104,9 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
     1
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not all(prompts) and tokenizer.eos_token is None:
+        raise GPTHelpersError("An empty prompt needs a tokenizer with an EOS token to start from. Give a prompt text.")
+    prompts = [text or tokenizer.eos_token for text in prompts]  # empty: start a new text, as after EOS in training
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

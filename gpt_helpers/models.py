@@ -103,12 +103,22 @@ def _from_hub(loader, name: str, what: str, **kwargs):
         raise _hub_error(name, what, error) from None
 
 
+#: Files of which a tokenizer folder holds at least one (fast, BPE, SentencePiece, WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+
+
 def _check_local_folder(path: str, what: str) -> None:
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelLoadError(f"The {what} folder '{path}' does not exist. Check the path, or use '{DEFAULT_MODEL}'.")
     if not folder.is_dir():
         raise ModelLoadError(f"'{path}' is a file, not a {what} folder. Pass the folder that contains config.json.")
+    if what == "tokenizer" and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        # Without this check transformers builds an empty tokenizer that turns every text into no tokens.
+        raise ModelLoadError(
+            f"The folder '{path}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Save the tokenizer "
+            "next to the model with tokenizer.save_pretrained(folder) (gpt_helpers.train does this)."
+        )
     if what == "model" and not (folder / "config.json").exists():
         raise ModelLoadError(
             f"The model folder '{path}' has no config.json, so it is not a saved Hugging Face model. "

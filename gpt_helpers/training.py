@@ -292,8 +292,12 @@ class _Loop:
             loss_sum = self.accelerator.reduce(loss_sum, reduction="sum")
         return loss_sum / global_tokens, global_tokens
 
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; on a CUDA out-of-memory error, halve the micro-batch and retry the same examples."""
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step; on a CUDA out-of-memory error, halve the micro-batch and retry the same examples.
+
+        Returns the step's mean token loss, its real target tokens, and whether the update was skipped
+        (``nonfinite='skip'`` and a NaN/inf loss).
+        """
         indices = self._next_step_indices()
         while True:
             try:
@@ -323,7 +327,7 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.sample_offset += len(indices)
-        return loss, tokens
+        return loss, tokens, skip
 
     # ---------------------------------------------------------------------------------------- evaluation
     def _evaluate(self) -> EvalResult | None:
@@ -404,10 +408,11 @@ class _Loop:
         last_checkpoint = None
         while state.step < self.max_steps and not state.stop_requested:
             learning_rate = self._set_learning_rate()
-            loss, tokens = self._step()
-            window_loss += loss.detach().float()
-            window_tokens += tokens
-            window_steps += 1
+            loss, tokens, skipped = self._step()
+            if not skipped:  # a skipped step trained on nothing: its NaN must not hide the window's real loss
+                window_loss += loss.detach().float()
+                window_tokens += tokens
+                window_steps += 1
             for callback in self.callbacks:
                 getattr(callback, "on_step_end", lambda s: None)(state)
             final = state.step >= self.max_steps or state.stop_requested
@@ -417,14 +422,16 @@ class _Loop:
             # A checkpoint step is also a log step: the running window is flushed into the saved state, so a
             # resumed run logs exactly what the uninterrupted run logs.
             if state.step % config.log_every == 0 or final or checkpoint_due:
-                mean_loss = float(window_loss) / window_steps
+                mean_loss = float(window_loss) / window_steps if window_steps else math.nan
                 seen = int(window_tokens)
                 state.tokens_seen += seen
                 speed = seen / max(time.perf_counter() - window_started, 1e-9)
                 if not math.isfinite(mean_loss) and config.nonfinite == "stop":
                     self.save_history()
+                    first = state.step - window_steps + 1
+                    where = f"at step {state.step}" if first == state.step else f"between steps {first} and {state.step}"
                     raise TrainingError(
-                        f"The training loss became {mean_loss} between steps {state.step - window_steps + 1} and {state.step} "
+                        f"The training loss became {mean_loss} {where} "
                         f"(learning rate {learning_rate:.2e}). Likely causes: a learning rate too high for this model "
                         "(try 10× lower), fp16 overflow (use bf16 or fp32), or corrupt data. The best model so far is in "
                         f"{self.out / 'best'}; set nonfinite='skip' to skip such steps instead."
