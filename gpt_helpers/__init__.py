@@ -3,6 +3,7 @@
 One API for every lesson: load a model, prepare data, train, evaluate, plot.
 """
 
+from . import course
 from .config import TrainingConfig
 from .data import (
     DataReport, LMDataset, clean_texts, load_course_dataset, load_texts, prepare_dataset, split_texts, tokenize_texts,
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BUNDLED", "DEFAULT_MODEL", "CheckpointError", "ConfigError", "DataError", "DataReport", "EvalResult", "GPTHelpersError",
     "History", "LMDataset", "LivePlot", "ModelLoadError", "TrainResult", "TrainingConfig", "TrainingError",
-    "build_model_from_config", "clean_texts", "compare_generations", "count_parameters", "evaluate", "generate",
+    "course", "build_model_from_config", "clean_texts", "compare_generations", "count_parameters", "evaluate", "generate",
     "load_course_dataset", "load_model", "load_texts", "load_tokenizer", "plot_history", "prepare_dataset",
     "split_texts", "tokenize_texts", "train",
 ]

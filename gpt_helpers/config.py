@@ -47,7 +47,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     eval_every: int = 50
     eval_batches: int | None = 20
-    eval_batch_size: int | None = None
+    eval_batch_size: int = 16  # fixed, so eval_batches covers the same blocks whatever the training batch
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     log_every: int = 10
@@ -69,11 +69,11 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        positive = ["batch_size", "gradient_accumulation_steps", "log_every", "eval_every"]
+        positive = ["batch_size", "gradient_accumulation_steps", "log_every", "eval_every", "eval_batch_size"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
-        for name in ("max_steps", "save_every", "eval_batches", "eval_batch_size", "early_stopping_patience"):
+        for name in ("max_steps", "save_every", "eval_batches", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1 (or None), not {value}.")

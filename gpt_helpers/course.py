@@ -42,13 +42,20 @@ class Lesson:
 
 
 LESSONS: list[Lesson] = [
-    Lesson("00_setup.ipynb", "Set up", {}),
-    Lesson("01_choose_model.ipynb", "Choose a pre-trained model", {}),
-    Lesson("02_prepare_data.ipynb", "Prepare your dataset", {}),
-    Lesson("03_training_environment.ipynb", "The training environment", {}),
-    Lesson("04_fine_tune.ipynb", "Fine-tune", {}),
-    Lesson("05_monitor_evaluate.ipynb", "Monitor and evaluate", {}),
-    Lesson("06_troubleshoot.ipynb", "Troubleshoot", {}),
+    Lesson("00_setup.ipynb", "Set up", {"MAX_NEW_TOKENS": 10}),
+    Lesson("01_choose_model.ipynb", "Choose a pre-trained model", {"EVAL_BATCHES": 2}),
+    Lesson("02_prepare_data.ipynb", "Prepare your dataset", {"SPEED_TEXTS": 8}),
+    Lesson("03_training_environment.ipynb", "The training environment", {
+        "BLOCK_SIZE": 64, "MEMORY_BATCH_SIZES": [2, 4], "MEMORY_STEPS": 2, "EFFECTIVE_BATCH": 4, "MAX_STEPS": 4,
+        "CHECKPOINT_BATCH_SIZE": 4, "CHECKPOINT_STEPS": 1, "SPEED_BATCH_SIZE": 1}),
+    Lesson("04_fine_tune.ipynb", "Fine-tune", {
+        "MAX_STEPS": 8, "EVAL_EVERY": 4, "EVAL_BATCHES": 2, "BATCH_SIZE": 4, "BLOCK_SIZE": 64, "MAX_NEW_TOKENS": 8}),
+    Lesson("05_monitor_evaluate.ipynb", "Monitor and evaluate", {
+        "TRAIN_TEXTS": 30, "BLOCK_SIZE": 32, "MAX_STEPS": 12, "EVAL_EVERY": 4, "EVAL_BATCHES": 2, "PATIENCE": 2,
+        "COMPARE_LEARNING_RATES": [1e-3, 3e-3], "COMPARE_STEPS": 4}),
+    Lesson("06_troubleshoot.ipynb", "Troubleshoot", {
+        "BLOCK_SIZE": 32, "STEPS": 6, "EVAL_EVERY": 2, "EVAL_BATCHES": 1, "OVERFIT_STEPS": 8, "MORE_TEXTS": 40,
+        "FEW_STEPS": 3, "SPEED_STEPS": 3, "SPEED_BLOCK": 64}),
     Lesson("07_transfer_strategies.ipynb", "Transfer-learning strategies", {}),
     Lesson("08_chatbot.ipynb", "A chatbot from chat logs", {}),
     Lesson("09_save_share.ipynb", "Save, share and use", {}),

@@ -230,14 +230,22 @@ _SPACES = re.compile(r"[ \t\f\v\u00a0]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
-def clean_text(text: str) -> str:
+def clean_text(text: str, *, keep_layout: bool = False) -> str:
     """Unescape HTML entities (twice, for double-escaped text), normalise line ends and spaces, strip.
+
+    ``keep_layout=True`` keeps indentation and inner spacing (code, tables, chat logs with code): only
+    entities, line ends, trailing spaces and runs of blank lines are normalised.
 
     >>> clean_text('  &quot;Great&quot;   drug &amp;amp; fast  ')
     '"Great" drug & fast'
+    >>> clean_text("    x = [1,  2]   ", keep_layout=True)
+    '    x = [1,  2]'
     """
     text = html.unescape(html.unescape(text))
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if keep_layout:
+        text = "\n".join(line.rstrip() for line in text.split("\n"))
+        return _MANY_NEWLINES.sub("\n\n", text).strip("\n")
     text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return _MANY_NEWLINES.sub("\n\n", text).strip()
 
@@ -256,8 +264,10 @@ class CleaningReport:
                 f"{self.rows_duplicate:,} exact duplicates removed")
 
 
-def clean_texts(texts: Iterable[str], *, deduplicate: bool = True) -> tuple[list[str], CleaningReport]:
+def clean_texts(texts: Iterable[str], *, deduplicate: bool = True, keep_layout: bool = False) -> tuple[list[str], CleaningReport]:
     """Clean each text, drop empty ones and exact duplicates (first occurrence kept); count each removal.
+
+    ``keep_layout=True`` preserves indentation and spacing (see :func:`clean_text`); use it for code.
 
     >>> clean_texts(["a", "a", "  ", "b"])[1].rows_kept
     2
@@ -267,7 +277,7 @@ def clean_texts(texts: Iterable[str], *, deduplicate: bool = True) -> tuple[list
     kept = []
     for text in texts:
         report.rows_in += 1
-        cleaned = clean_text(text)
+        cleaned = clean_text(text, keep_layout=keep_layout)
         if not cleaned:
             report.rows_empty += 1
             continue
@@ -445,7 +455,7 @@ class DataReport:
 
     def __str__(self) -> str:
         text = (f"{self.rows:,} texts, {self.tokens:,} tokens (median {self.length_median:.0f}, p95 {self.length_p95:.0f}, "
-                f"max {self.length_max}) -> {self.examples:,} {self.mode}ed examples of {self.block_size} tokens")
+                f"max {self.length_max}) -> {self.examples:,} {'packed' if self.mode == 'pack' else 'padded'} examples of {self.block_size} tokens")
         if self.mode == "pack":
             text += (f"; {self.tokens_left_over} tokens left over ({100 * self.tokens_left_over / max(self.tokens, 1):.2f}%); "
                      f"padding would have wasted {100 * self.padding_fraction_if_padded:.1f}% of computed tokens")

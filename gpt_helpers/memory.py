@@ -17,9 +17,11 @@ estimate to the measured peak of real training steps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -329,6 +331,20 @@ def family_table_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ measuring
+@contextlib.contextmanager
+def _silenced_stderr():
+    """Send file descriptor 2 to /dev/null for the duration (C++ code bypasses Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run ``fn`` under PyTorch's profiler and replay every CPU allocation and free in time order.
 
@@ -339,8 +355,14 @@ def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _silenced_stderr():  # the profiler's C++ side prints start/stop notices straight to file descriptor 2
+        profiler.start()
+    try:
         result = fn()
+    finally:
+        with _silenced_stderr():
+            profiler.stop()
     events, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while pending:
         node = pending.pop()

@@ -334,7 +334,7 @@ class _Loop:
         if self.eval_data is None:
             return None
         with self.accelerator.autocast():
-            return evaluate(self.raw_model, self.eval_data, batch_size=self.config.eval_batch_size or self.config.batch_size,
+            return evaluate(self.raw_model, self.eval_data, batch_size=self.config.eval_batch_size,
                             max_batches=self.config.eval_batches, device=self.accelerator.device)
 
     def _after_eval(self, result: EvalResult) -> None:
