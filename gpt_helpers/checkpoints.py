@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
+from transformers.utils import logging as hf_logging
 
 from .errors import CheckpointError
 
@@ -150,7 +151,13 @@ def save_model_folder(folder: Path, model, tokenizer=None, *, extra_files: dict[
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = _atomic_folder(folder)
-    model.save_pretrained(temporary, safe_serialization=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter every lesson's output
+    try:
+        model.save_pretrained(temporary, safe_serialization=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(temporary)
     for name, text in (extra_files or {}).items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,12 @@ def _batch_of(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _model_name(model) -> str | None:
+    """The model's hub or bundled name (a folder's own name, never a full path of this machine)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    return Path(name).name if os.path.isabs(name) else (name or None)
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -220,6 +227,7 @@ class _Loop:
             "processes": self.world, "compile": bool(use_compile), "fused_adamw": bool(fused),
             "parameters": counts.total, "trainable_parameters": counts.trainable, "max_steps": self.max_steps,
             "train_examples": len(train_data), "global_batch_size": self.global_batch, "config": config.to_dict(),
+            "base_model": _model_name(model),
         }
 
     @property
@@ -433,8 +441,9 @@ class _Loop:
                     raise TrainingError(
                         f"The training loss became {mean_loss} {where} "
                         f"(learning rate {learning_rate:.2e}). Likely causes: a learning rate too high for this model "
-                        "(try 10× lower), fp16 overflow (use bf16 or fp32), or corrupt data. The best model so far is in "
-                        f"{self.out / 'best'}; set nonfinite='skip' to skip such steps instead."
+                        "(try 10× lower), fp16 overflow (use bf16 or fp32), or corrupt data. "
+                        + (f"The best model so far is in {self.out / 'best'}. " if (self.out / "best").exists() else "")
+                        + "Set nonfinite='skip' to skip such steps instead."
                     )
                 self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),
                                  tokens_seen=state.tokens_seen, learning_rate=learning_rate, train_loss=mean_loss,
