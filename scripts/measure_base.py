@@ -87,7 +87,8 @@ rest ({facts['train_tokens']:,} tokens) trains. Package checksums are pinned in 
 ## Training budget
 `python scripts/pretrain_base.py` (seed {facts['seed']}): {facts['steps']:,} steps of 16 × {config['n_positions']}-token
 blocks ({facts['tokens_seen']:,} tokens, {facts['epochs']} epochs), AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1),
-100 warmup steps then cosine decay to 10 %, gradient clipping 1.0, {facts['precision']} on {facts['device']}
+100 warmup steps then a cosine schedule over {facts['training_config']['max_steps']:,} steps down to 10 %, stopped at step
+{facts['steps']:,} (`--stop-after`, the project's time budget), gradient clipping 1.0, {facts['precision']} on {facts['device']}
 with {facts['torch_threads']} threads; {facts['training_seconds_total']:,} s of training. The best validation
 checkpoint (step {facts['best_step']}) is the one shipped. Loss curves: `pretraining_history.png`.
 
