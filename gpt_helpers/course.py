@@ -56,7 +56,9 @@ LESSONS: list[Lesson] = [
     Lesson("06_troubleshoot.ipynb", "Troubleshoot", {
         "BLOCK_SIZE": 32, "STEPS": 6, "EVAL_EVERY": 2, "EVAL_BATCHES": 1, "OVERFIT_STEPS": 8, "MORE_TEXTS": 40,
         "FEW_STEPS": 3, "SPEED_STEPS": 3, "SPEED_BLOCK": 64}),
-    Lesson("07_transfer_strategies.ipynb", "Transfer-learning strategies", {}),
+    Lesson("07_transfer_strategies.ipynb", "Transfer-learning strategies", {
+        "STRATEGIES": ["full", "head_only", "lora", "from_scratch"], "STEPS": 8, "EVAL_EVERY": 4, "EVAL_BATCHES": 2,
+        "FRACTIONS": [0.05], "MEMORY_BATCH_SIZES": [1]}),
     Lesson("08_chatbot.ipynb", "A chatbot from chat logs", {
         "MAX_STEPS": 8, "EVAL_EVERY": 4, "WARMUP_STEPS": 2, "LOG_EVERY": 4, "MAX_NEW_TOKENS": 12, "N_EVAL_PROMPTS": 6,
         "N_TABLE_PROMPTS": 2}),

@@ -68,6 +68,7 @@ def evaluate(model, dataset, *, batch_size: int = 16, max_batches: int | None = 
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    random_state = torch.get_rng_state()  # a DataLoader draws a seed: keep training's random stream untouched
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
@@ -82,6 +83,7 @@ def evaluate(model, dataset, *, batch_size: int = 16, max_batches: int | None = 
         predictions = logits[:, :-1, :].argmax(dim=-1)
         correct += ((predictions == batch["labels"][:, 1:]) & mask).sum()
     model.train(was_training)
+    torch.set_rng_state(random_state)
     tokens = int(count)
     if tokens == 0:
         raise GPTHelpersError("No tokens to score: every label is masked. Check the attention masks of the data.")
