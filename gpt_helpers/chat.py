@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import LMDataset, pack_blocks
+from .data import LMDataset, check_block_settings, pack_blocks
 from .errors import DataError
 
 USER_TAG = "User"
@@ -222,12 +222,7 @@ def prepare_chat_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 1
     >>> data[0]["labels"].shape
     torch.Size([8])
     """
-    if mode not in ("pack", "pad"):
-        raise DataError(f"mode must be 'pack' or 'pad', not {mode!r}.")
-    if not isinstance(block_size, int) or block_size < 2:
-        raise DataError(f"block_size must be an integer of at least 2, not {block_size!r}.")
-    if max_context is not None and block_size > max_context:
-        raise DataError(f"block_size {block_size} is larger than the model's context of {max_context} tokens.")
+    check_block_settings(mode, block_size, max_context)
     if not texts:
         raise DataError("No conversations to prepare: the list is empty.")
     rows = [tokenize_conversation(tokenizer, text, train_on=train_on, add_eos=add_eos, user_tag=user_tag, bot_tag=bot_tag)

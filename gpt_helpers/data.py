@@ -480,6 +480,22 @@ def model_context_length(model_or_config: Any) -> int | None:
     return None
 
 
+def check_block_settings(mode: str, block_size: int, max_context: int | None) -> None:
+    """Refuse an unknown layout, a block too small to predict anything, or one longer than the model's context.
+
+    >>> check_block_settings("pack", 128, 256)
+    """
+    if mode not in ("pack", "pad"):
+        raise DataError(f"mode must be 'pack' or 'pad', not {mode!r}.")
+    if not isinstance(block_size, int) or block_size < 2:
+        raise DataError(f"block_size must be an integer of at least 2, not {block_size!r}.")
+    if max_context is not None and block_size > max_context:
+        raise DataError(
+            f"block_size {block_size} is larger than the model's context of {max_context} tokens. "
+            f"Use block_size <= {max_context}."
+        )
+
+
 def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, mode: str = "pack",
                     max_context: int | None = None, add_eos: bool = True,
                     cache_dir: str | os.PathLike | None = None) -> tuple[LMDataset, DataReport]:
@@ -494,15 +510,7 @@ def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, m
     >>> dataset[0]["input_ids"].shape
     torch.Size([16])
     """
-    if mode not in ("pack", "pad"):
-        raise DataError(f"mode must be 'pack' or 'pad', not {mode!r}.")
-    if not isinstance(block_size, int) or block_size < 2:
-        raise DataError(f"block_size must be an integer of at least 2, not {block_size!r}.")
-    if max_context is not None and block_size > max_context:
-        raise DataError(
-            f"block_size {block_size} is larger than the model's context of {max_context} tokens. "
-            f"Use block_size <= {max_context}."
-        )
+    check_block_settings(mode, block_size, max_context)
     if not texts:
         raise DataError("No texts to prepare: the list is empty. Check the data file and the cleaning report.")
     token_lists = tokenize_texts(tokenizer, texts, add_eos=add_eos, cache_dir=cache_dir)
