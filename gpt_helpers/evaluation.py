@@ -30,17 +30,15 @@ class EvalResult:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy of next-token prediction and the mask of tokens that count.
+    """Per-token cross-entropy of next-token prediction and the mask of tokens that count, both ``(batch, seq - 1)``.
 
-    Position ``t`` predicts label ``t + 1``; labels of -100 (padding) are ignored.
+    Position ``t`` predicts label ``t + 1``; labels of -100 (padding) are ignored. The labels are shifted rather
+    than the logits, so the largest tensor of a small-model step (batch × seq × vocab) is never copied.
     """
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
-    mask = shifted_labels != -100
-    losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1).clamp(min=0), reduction="none"
-    ).view_as(shifted_labels)
-    return losses * mask, mask
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+    losses, mask = losses.view_as(targets)[:, :-1], (targets != -100)[:, :-1]
+    return losses, mask
 
 
 def perplexity(mean_loss: float) -> float:

@@ -36,6 +36,7 @@ from .errors import ConfigError, DataError, TrainingError
 from .evaluation import EvalResult, evaluate, perplexity, token_losses
 from .history import History
 from .models import count_parameters
+from .vocab_padding import PaddedVocabulary, padded_size
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +203,12 @@ class _Loop:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         device_type = self.accelerator.device.type
+        self.vocabulary = _pad_vocabulary(model, config, device_type, custom_groups=param_groups is not None)
         groups = param_groups or default_param_groups(model, config)
         for group in groups:
             group.setdefault("lr", config.learning_rate)
             group["initial_lr"] = group["lr"]
-        fused = config.fused_adamw if config.fused_adamw is not None else device_type == "cuda"
+        fused = config.fused_adamw if config.fused_adamw is not None else device_type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            weight_decay=config.weight_decay, fused=fused or None)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
@@ -225,6 +227,7 @@ class _Loop:
         self.history.info = {
             "device": str(self.accelerator.device), "precision": {"no": "fp32"}.get(precision, precision),
             "processes": self.world, "compile": bool(use_compile), "fused_adamw": bool(fused),
+            "padded_vocabulary": self.vocabulary.size if self.vocabulary else None,
             "parameters": counts.total, "trainable_parameters": counts.trainable, "max_steps": self.max_steps,
             "train_examples": len(train_data), "global_batch_size": self.global_batch, "config": config.to_dict(),
             "base_model": _model_name(model),
@@ -351,7 +354,8 @@ class _Loop:
         if improved:
             state.best_eval_loss, state.best_step, state.evals_without_improvement = result.loss, state.step, 0
             if config.save_best and self.accelerator.is_main_process:
-                checkpoints.save_model_folder(self.out / "best", self.accelerator.unwrap_model(self.model), self.tokenizer)
+                with self.vocabulary.real_vocabulary() if self.vocabulary else contextlib.nullcontext():
+                    checkpoints.save_model_folder(self.out / "best", self.accelerator.unwrap_model(self.model), self.tokenizer)
         else:
             state.evals_without_improvement += 1
             if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
@@ -478,6 +482,11 @@ class _Loop:
             last_checkpoint = self.save_checkpoint()
         return self._finish(last_checkpoint)
 
+    def unpad_vocabulary(self) -> None:
+        """Give the model back its real vocabulary size (after training, or when it fails)."""
+        if self.vocabulary is not None:
+            self.vocabulary.remove()
+
     def save_history(self) -> None:
         if self.accelerator.is_main_process:
             self.history.info["stop_reason"] = self.state.stop_reason
@@ -487,6 +496,7 @@ class _Loop:
     def _finish(self, last_checkpoint: Path | None) -> TrainResult:
         config = self.config
         self.accelerator.wait_for_everyone()
+        self.unpad_vocabulary()
         model = self.accelerator.unwrap_model(self.model)
         final_eval = None
         if self.history.eval_records:
@@ -516,6 +526,22 @@ class _Loop:
                            last_checkpoint=last_checkpoint, stop_reason=self.state.stop_reason, final_eval=final_eval)
 
 
+def _pad_vocabulary(model, config: TrainingConfig, device_type: str, *, custom_groups: bool) -> PaddedVocabulary | None:
+    """Pad the vocabulary when asked (or by default on CUDA) and when it is safe to: not under custom parameter
+    groups (they hold the embedding parameters that padding replaces) nor on PEFT adapters (their base is frozen)."""
+    multiple = config.pad_vocab_to_multiple_of
+    if multiple is None:
+        multiple = 64 if device_type == "cuda" else 0
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is None or padded_size(embeddings.num_embeddings, multiple) == embeddings.num_embeddings:
+        return None
+    if custom_groups or hasattr(model, "peft_config") or getattr(model, "get_output_embeddings", lambda: None)() is None:
+        log = logger.warning if config.pad_vocab_to_multiple_of else logger.debug
+        log("Vocabulary padding skipped: it needs the model's own parameter groups and a plain output layer.")
+        return None
+    return PaddedVocabulary(model, multiple)
+
+
 def _progress_bar(config: TrainingConfig, total: int, initial: int, main: bool):
     if not (config.progress and main):
         return None
@@ -542,4 +568,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainingConfig |
     """
     config = config or TrainingConfig()
     loop = _Loop(model, tokenizer, train_data, eval_data, config, param_groups, callbacks, accelerator)
-    return loop.run()
+    try:
+        return loop.run()
+    finally:
+        loop.unpad_vocabulary()
