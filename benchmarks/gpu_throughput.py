@@ -118,7 +118,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}; batch {args.batch_size} × "
           f"{args.seq_len}, {args.precision}; {per_token / 1e9:.3f} GFLOP/token")
-    print(f"gpt_helpers (compile={info['compile']}, fused AdamW={info['fused_adamw']}): {ours:,.0f} tokens/s, "
+    print(f"gpt_helpers (compile={info['compile']}, fused AdamW={info['fused_adamw']}, "
+          f"vocabulary padded to {info['padded_vocabulary'] or config.vocab_size}): {ours:,.0f} tokens/s, "
           f"MFU {100 * ours * per_token / (args.peak_tflops * 1e12):.1f}%")
     print(f"transformers.Trainer ({args.precision}=True):              {reference:,.0f} tokens/s, "
           f"MFU {100 * reference * per_token / (args.peak_tflops * 1e12):.1f}%")

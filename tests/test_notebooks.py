@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import nbformat
 import pytest
 
 from gpt_helpers.course import LESSONS, NOTEBOOKS_DIR, run_lesson
@@ -32,3 +37,32 @@ def test_committed_notebook_is_a_clean_lesson(lesson):
     errors = [o for c in code for o in c["outputs"] if o.get("output_type") == "error"]
     assert not errors, f"a committed output is an error: {errors[0].get('ename')}"
     assert "from transformers import AdamW" not in "".join("".join(c["source"]) for c in code)
+
+
+CHECK_TAG = "nbval-check-output"
+
+
+def _nbval(*notebooks: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run nbval in lax mode: every cell must run; cells tagged ``nbval-check-output`` must reproduce their outputs."""
+    env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}  # the inline backend, as saved
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           *map(str, notebooks)], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def test_committed_outputs_are_reproduced_where_deterministic():
+    checked = [NOTEBOOKS_DIR / lesson.notebook for lesson in LESSONS
+               if any(CHECK_TAG in cell.metadata.get("tags", [])
+                      for cell in nbformat.read(NOTEBOOKS_DIR / lesson.notebook, as_version=4).cells)]
+    assert len(checked) >= 3, "lessons 00-02 tag their deterministic cells with nbval-check-output"
+    result = _nbval(*checked, cwd=NOTEBOOKS_DIR)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_nbval_check_fails_on_a_changed_output(tmp_path):
+    cell = nbformat.v4.new_code_cell("print(6 * 7)", metadata={"tags": [CHECK_TAG]}, execution_count=1,
+                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text="41\n")])
+    notebook = nbformat.v4.new_notebook(cells=[cell], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                               "language": "python"}})
+    nbformat.write(notebook, tmp_path / "stale.ipynb")
+    result = _nbval(tmp_path / "stale.ipynb", cwd=tmp_path)
+    assert result.returncode != 0 and "41" in result.stdout and "42" in result.stdout, result.stdout[-2000:]
