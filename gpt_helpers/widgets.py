@@ -359,7 +359,9 @@ class TrainingPanel:
                 config = self.current_config(str(Path(self.base_config.output_dir) / label))
             except GPTHelpersError as error:
                 self.runs -= 1
-                self._fail(f"Cannot start: {error}")
+                # Nothing ran: only the status changes; the bar, plot and summary still show the last run.
+                self.last_error = f"Cannot start: {error}"
+                self._show_status(self.last_error, "error")
                 return None
             self._running = True
             self._stop_event.clear()

@@ -93,6 +93,16 @@ def test_an_impossible_value_is_shown_in_the_panel_not_raised(panel, name, value
     assert not panel.run_button.disabled and panel.stop_button.disabled
 
 
+def test_a_refused_start_leaves_the_last_run_shown_as_it_was(panel):
+    panel.run()
+    summary = panel.summary.value
+    panel.set(max_steps=0)
+    assert panel.run() is None and "Cannot start: steps must be" in panel.last_error
+    assert "gh-error" in panel.status.value
+    assert panel.progress.bar_style == "success" and panel.progress.value == 4, "the last run did not fail"
+    assert panel.summary.value == summary and panel.plot.outputs
+
+
 def test_a_failure_inside_training_is_shown_in_the_panel(panel):
     panel.set(batch_size=64)  # more examples per step than the tiny training set holds
     assert panel.run() is None
