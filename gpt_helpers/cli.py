@@ -13,16 +13,33 @@ Errors are one paragraph naming the input and the fix, with a non-zero exit stat
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import GPTHelpersError
+from .errors import ConfigError, DataError, GPTHelpersError
+
+if TYPE_CHECKING:
+    from .data import CleaningReport
 
 EXIT_USER_ERROR = 2
 EXIT_UNEXPECTED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) that reads ``-1e-3`` as a value, not as an option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern misses exponents, so "--lr -1e-3" failed with "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}. Run '{self.prog} --help' for the options.\n")
 
 
 def _positive_int(text: str) -> int:
@@ -54,8 +71,8 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gpt_helpers``."""
-    parser = argparse.ArgumentParser(prog="python -m gpt_helpers", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m gpt_helpers", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -114,14 +131,48 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_text_source(data: str, text_field: str, split: str | None = None) -> list[str]:
     from .data import COURSE_DATASETS, load_course_dataset, load_texts
 
-    if data in COURSE_DATASETS and not Path(data).exists():
+    path = Path(data)
+    if data in COURSE_DATASETS and not path.exists():
         return load_course_dataset(data, split or "train")
+    if not path.exists() and not path.suffix and len(path.parts) == 1:
+        close = difflib.get_close_matches(data, COURSE_DATASETS, n=1)
+        raise DataError(
+            f"--data '{data}' is neither a file nor a course dataset ({', '.join(COURSE_DATASETS)}). "
+            + (f"Did you mean '{close[0]}'?" if close else "Check the spelling, or pass the path of a data file.")
+        )
     return load_texts(data, text_field=text_field)
+
+
+def _load_clean_texts(data: str, text_field: str, split: str | None = None) -> tuple[list[str], CleaningReport]:
+    """Load and clean texts; refuse a source whose every row is empty after cleaning."""
+    from .data import clean_texts
+
+    texts, report = clean_texts(_load_text_source(data, text_field, split))
+    if not texts:
+        raise DataError(
+            f"'{data}': all {report.rows_in} rows are empty after cleaning (only spaces or HTML entities such as "
+            "&nbsp;). Check that --text-field names the field that holds the text."
+        )
+    return texts, report
+
+
+def _check_out_folder(out: Path, resume: bool) -> None:
+    """Refuse an --out that cannot be a folder, and --resume with nothing to resume, before anything is written."""
+    from .checkpoints import latest_checkpoint
+
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out '{out}': '{existing}' is a file, not a folder. Choose another --out path.")
+    if resume and latest_checkpoint(out) is None:
+        raise ConfigError(
+            f"--resume: there is no checkpoint in '{out / 'checkpoints'}' to continue from. Check the --out path, "
+            "or drop --resume to start a new run (--save-every N writes checkpoints)."
+        )
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from .config import TrainingConfig
-    from .data import COURSE_DATASETS, clean_texts, model_context_length, prepare_dataset, split_texts
+    from .data import COURSE_DATASETS, model_context_length, prepare_dataset, split_texts
     from .models import load_model
     from .training import train
 
@@ -135,12 +186,12 @@ def _finetune(args: argparse.Namespace) -> int:
     config = TrainingConfig.from_dict(values)
 
     # Read and check everything before the output folder is touched, so a bad input writes nothing.
+    _check_out_folder(Path(args.out), args.resume)
     course = args.data in COURSE_DATASETS and not Path(args.data).exists()
-    raw_train = _load_text_source(args.data, args.text_field, "train")
-    texts, cleaning = clean_texts(raw_train)
+    texts, cleaning = _load_clean_texts(args.data, args.text_field, "train")
     logging.info("Cleaning %s: %s", args.data, cleaning)
     if args.eval_data or course:
-        eval_texts, _ = clean_texts(_load_text_source(args.eval_data or args.data, args.text_field, "validation"))
+        eval_texts, _ = _load_clean_texts(args.eval_data or args.data, args.text_field, "validation")
         splits = {"train": texts, "validation": eval_texts}
     elif args.validation:
         splits = split_texts(texts, validation=args.validation, seed=args.seed)
@@ -162,11 +213,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import clean_texts, model_context_length, prepare_dataset
+    from .data import model_context_length, prepare_dataset
     from .evaluation import evaluate
     from .models import load_model
 
-    texts, _ = clean_texts(_load_text_source(args.data, args.text_field, args.split))
+    texts, _ = _load_clean_texts(args.data, args.text_field, args.split)
     model, tokenizer = load_model(args.model)
     dataset, report = prepare_dataset(tokenizer, texts, block_size=args.block_size, max_context=model_context_length(model))
     print(f"{args.model} on {args.data}: {evaluate(model, dataset)}")

@@ -169,4 +169,7 @@ class TrainingConfig:
             raise ConfigError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}).") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of settings.")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None

@@ -12,6 +12,7 @@ Nothing is dropped silently: every removed row or token is counted in a report.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import html
@@ -46,6 +47,8 @@ def _read_utf8(path: Path) -> str:
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"Data file '{path}' is empty. Put at least one text in it.")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # e.g. Excel's "Unicode text" export
+        return _decode_utf16(path, raw)
     if b"\x00" in raw[:65536]:
         raise DataError(
             f"Data file '{path}' contains NUL bytes: it looks like a binary file, not text. "
@@ -58,6 +61,16 @@ def _read_utf8(path: Path) -> str:
         raise DataError(
             f"Data file '{path}' is not valid UTF-8: byte {raw[error.start]:#04x} at line {line}, byte offset "
             f"{error.start}. Re-save it as UTF-8 (for example: iconv -f latin1 -t utf-8 in > out)."
+        ) from None
+
+
+def _decode_utf16(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-16")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"Data file '{path}' starts like UTF-16 text but byte offset {error.start} cannot be decoded. "
+            "Re-save it as UTF-8 (for example: iconv -f utf-16 -t utf-8 in > out)."
         ) from None
 
 
@@ -115,6 +128,8 @@ def _load_json(path: Path, text_field: str) -> list[str]:
 
 def _load_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
     content = _read_utf8(path)
+    # The csv module refuses fields over 128 KiB by default; long texts are refused by MAX_TEXT_CHARS instead.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.reader(content.splitlines(keepends=True), delimiter=delimiter)
     try:
         header = next(reader)
@@ -303,7 +318,10 @@ def split_texts(texts: Sequence[str], *, validation: float = 0.1, test: float = 
     random.Random(seed).shuffle(order)
     n_val, n_test = round(len(texts) * validation), round(len(texts) * test)
     if validation and n_val == 0 or test and n_test == 0:
-        raise DataError(f"{len(texts)} texts are too few to split off validation={validation}, test={test}. Add data.")
+        raise DataError(
+            f"{len(texts)} texts are too few to split off validation={validation}, test={test} (that rounds to 0 texts). "
+            "Add data, raise the fraction, or pass separate validation texts (--eval-data on the command line)."
+        )
     splits = {"train": [texts[i] for i in order[n_val + n_test:]], "validation": [texts[i] for i in order[:n_val]]}
     if test:
         splits["test"] = [texts[i] for i in order[n_val:n_val + n_test]]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import GPTHelpersError
+from .data import model_context_length
+from .errors import ConfigError, GPTHelpersError
 
 
 @dataclass(frozen=True)
@@ -108,14 +109,15 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
         raise GPTHelpersError("An empty prompt needs a tokenizer with an EOS token to start from. Give a prompt text.")
     prompts = [text or tokenizer.eos_token for text in prompts]  # empty: start a new text, as after EOS in training
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the last real token
     try:
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     finally:
         tokenizer.padding_side = previous_side
+    _check_generation_length(model, encoded["input_ids"].shape[1], max_new_tokens)
+    was_training = model.training
+    model.eval()
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                    repetition_penalty=repetition_penalty)
     if do_sample:
@@ -129,6 +131,17 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
     model.train(was_training)
     new_tokens = output[:, encoded["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
+
+
+def _check_generation_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (GPT-2 would fail deep inside with an IndexError)."""
+    context = model_context_length(model)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        fix = f"Use max_new_tokens <= {context - prompt_tokens}" if prompt_tokens < context else "Shorten the prompt"
+        raise ConfigError(
+            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} exceed the model's context of "
+            f"{context} tokens. {fix} (--max-new-tokens on the command line)."
+        )
 
 
 def compare_generations(models: dict[str, tuple], prompts: Sequence[str], **generate_options) -> list[dict[str, str]]:

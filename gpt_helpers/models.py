@@ -6,6 +6,7 @@ ships with the course (``"tiny-gpt2-base"``). Nothing here reaches a model hub u
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers import GPT2Config, PretrainedConfig, PreTrainedModel
 
@@ -126,6 +128,7 @@ def _check_local_folder(path: str, what: str) -> None:
             "folder that has config.json."
         )
     if what == "model":
+        _check_config_json(folder / "config.json")
         has_safe = any(folder.glob("*.safetensors"))
         has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
         if not has_safe and has_pickle:
@@ -139,6 +142,19 @@ def _check_local_folder(path: str, what: str) -> None:
                 f"The model folder '{path}' has config.json but no model.safetensors. "
                 "Copy the weights file into it, or use build_model_from_config() for a randomly initialised model."
             )
+
+
+def _check_config_json(file: Path) -> None:
+    """Refuse a damaged config.json by name (transformers would blame the tokenizer, which reads it first)."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(
+            f"'{file}' is not valid JSON ({error}). The file is damaged or was cut short: copy or save the model again."
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"'{file}' holds a JSON {type(config).__name__}, not the object of a model configuration. "
+                             "Copy or save the model again.")
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -212,8 +228,11 @@ def load_model(
     if local:
         try:
             loaded = load_config(path, **options)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"The model folder '{path}' could not be loaded: {error}") from None
+        except (OSError, ValueError, SafetensorError) as error:
+            raise ModelLoadError(
+                f"The model folder '{path}' could not be loaded: {str(error).rstrip('.')}. If a file was damaged or cut short "
+                "(an interrupted copy or download), copy or save the model again."
+            ) from None
     else:
         loaded = _from_hub(load_config, path, "model", **options)
     model = build_model_from_config(loaded, seed=seed, dtype=dtype) if random_init else loaded
