@@ -70,7 +70,8 @@ def rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        # The uint32 key is stored as int64: torch 2.4 cannot save uint32 tensors.
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -83,7 +84,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state[0], numpy_state[1].numpy(), *numpy_state[2:]))
+    np.random.set_state((numpy_state[0], numpy_state[1].numpy().astype(np.uint32), *numpy_state[2:]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

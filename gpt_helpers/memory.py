@@ -150,6 +150,7 @@ def _shape_of(config_json: str, attention: str | None) -> _Shape:
     config = GPT2Config.from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    model.tie_weights()  # transformers 5.0 leaves GPT-2's head untied on the meta device
     block = model.transformer.h[0]
     return _Shape(total=count_parameters(model).total, block=count_parameters(block).total,
                   block_matrices=sum(p.numel() for p in block.parameters() if p.ndim == 2),
