@@ -73,9 +73,7 @@ class TargetWatcher:
         self.clock.pause()
         self.train_seconds = self.clock.total
         self.next_check += self.every
-        was_training = model.training
-        ppl = gh.evaluate(model, self.eval_data, batch_size=32).perplexity
-        model.train(was_training)
+        ppl = gh.evaluate(model, self.eval_data, batch_size=32).perplexity  # restores train/eval mode itself
         self.best = min(self.best, ppl)
         for target, reached in self.reached_at.items():
             if reached is None and ppl <= target:

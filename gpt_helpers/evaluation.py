@@ -38,8 +38,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
     losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
-    losses, mask = losses.view_as(targets)[:, :-1], (targets != -100)[:, :-1]
-    return losses, mask
+    return losses.view_as(targets)[:, :-1], (targets != -100)[:, :-1]
 
 
 def perplexity(mean_loss: float) -> float:

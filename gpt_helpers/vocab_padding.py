@@ -70,24 +70,23 @@ class PaddedVocabulary:
         parameters = self._vocabulary_parameters()
         full = [parameter.data for parameter in parameters]
         padded = self.model.config.vocab_size
-        embeddings = [self.model.get_input_embeddings(), self.model.get_output_embeddings()]
         try:
             for parameter in parameters:
                 parameter.data = parameter.data[: self.real_size]
-            self.model.config.vocab_size = self.real_size
-            for module in embeddings:
-                for name in ("num_embeddings", "out_features"):
-                    if hasattr(module, name):
-                        setattr(module, name, self.real_size)
+            self._declare_size(self.real_size)
             yield
         finally:
             for parameter, data in zip(parameters, full):
                 parameter.data = data
-            self.model.config.vocab_size = padded
-            for module in embeddings:
-                for name in ("num_embeddings", "out_features"):
-                    if hasattr(module, name):
-                        setattr(module, name, padded)
+            self._declare_size(padded)
+
+    def _declare_size(self, size: int) -> None:
+        """Set the vocabulary size the config and the embedding modules report (their weights are set apart)."""
+        self.model.config.vocab_size = size
+        for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+            for name in ("num_embeddings", "out_features"):
+                if hasattr(module, name):
+                    setattr(module, name, size)
 
     def remove(self) -> None:
         """Remove the hook and shrink the model back to its real vocabulary (idempotent)."""
