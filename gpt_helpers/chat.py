@@ -196,7 +196,7 @@ class ChatDataReport:
         """Share of the tokens that are labels (before packing or padding)."""
         return self.trained_tokens / self.tokens if self.tokens else 0.0
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {**asdict(self), "trained_fraction": self.trained_fraction}
 
     def __str__(self) -> str:

@@ -18,14 +18,18 @@ import json
 import logging
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .config import DEVICES, NONFINITE_POLICIES, PRECISIONS, SCHEDULES, TRACKERS, TrainingConfig
 from .errors import ConfigError, DataError, GPTHelpersError
 
 if TYPE_CHECKING:
     from .data import CleaningReport
 
+CONFIG_CHOICES = {"lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES, "nonfinite": NONFINITE_POLICIES,
+                  "report_to": TRACKERS}
 EXIT_USER_ERROR = 2
 EXIT_UNEXPECTED = 1
 
@@ -69,6 +73,50 @@ def _fraction(text: str) -> float:
     return value
 
 
+#: Short flags people know, beside the flag named after each TrainingConfig field.
+CONFIG_ALIASES = {"output_dir": ["--out"], "max_steps": ["--steps"], "learning_rate": ["--lr"],
+                  "gradient_accumulation_steps": ["--grad-accum"], "early_stopping_patience": ["--patience"]}
+#: How each kind of TrainingConfig field is read from the command line (the config checks the rest).
+POSITIVE_INTS = {"max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "eval_batches",
+                 "eval_batch_size", "early_stopping_patience", "log_every", "save_every", "keep_last"}
+POSITIVE_FLOATS = {"epochs", "max_time_seconds", "learning_rate", "max_grad_norm"}
+
+
+def _add_config_flag(group: argparse._ArgumentGroup, spec) -> None:
+    """One flag for one TrainingConfig field, named after it; not given = not set (argparse.SUPPRESS)."""
+    names = CONFIG_ALIASES.get(spec.name, []) + [f"--{spec.name.replace('_', '-')}"]
+    default = spec.default if not callable(spec.default) else None
+    common = dict(dest=spec.name, default=argparse.SUPPRESS, help=f"[{default}]")
+    kind = str(spec.type)
+    if kind.startswith("bool"):
+        group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+    elif spec.name in POSITIVE_INTS:
+        group.add_argument(*names, type=_positive_int, metavar="N", **common)
+    elif spec.name in POSITIVE_FLOATS:
+        group.add_argument(*names, type=_positive_float, metavar="X", **common)
+    elif kind.startswith("int"):
+        group.add_argument(*names, type=_whole_number, metavar="N", **common)
+    elif kind.startswith("float"):
+        group.add_argument(*names, type=_number, metavar="X", **common)
+    else:
+        choices = CONFIG_CHOICES.get(spec.name)
+        group.add_argument(*names, choices=choices, metavar="{" + ",".join(choices) + "}" if choices else "TEXT", **common)
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gpt_helpers``."""
     parser = _Parser(prog="python -m gpt_helpers", description=__doc__.split("\n\n")[0],
@@ -78,31 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("finetune", help="fine-tune a causal LM on your text", description=(
         "Fine-tune a causal language model on a text file or a course dataset. Writes the best and final model "
-        "folders, history.json/csv and history.png into --out."))
+        "folders, history.json/csv and history.png into --out (with --lora: the adapters and a merged model too). "
+        "Every TrainingConfig field is a flag of the same name; a flag given here wins over --config's file, and "
+        "a setting given nowhere keeps TrainingConfig's default."))
     tune.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.tsv/.txt file, a folder of .txt files, or a "
                       "course dataset name (drug_reviews, chat_logs, python_docs)")
-    tune.add_argument("--model", default="tiny-gpt2-base", help="bundled short name, local folder or hub name "
-                      "(gpt2, distilgpt2, …) [default: tiny-gpt2-base, offline]")
-    tune.add_argument("--out", required=True, help="output folder for checkpoints, history, plots and the model")
+    tune.add_argument("--model", default="tiny-gpt2-base", help="short name (tiny-gpt2-base, smollm2-135m-instruct), "
+                      "local folder or hub name (gpt2, …) [default: tiny-gpt2-base, offline]")
     tune.add_argument("--text-field", default="text", help="JSON field / CSV column holding the text [text]")
     tune.add_argument("--eval-data", help="a separate validation file (default: split --validation off --data)")
     tune.add_argument("--validation", type=_fraction, default=0.1, help="fraction held out for validation [0.1]")
     tune.add_argument("--mode", choices=("pack", "pad"), default="pack", help="pack texts into blocks or pad each [pack]")
     tune.add_argument("--block-size", type=_positive_int, default=128, help="tokens per training example [128]")
-    tune.add_argument("--steps", type=_positive_int, help="optimizer steps [200 unless --epochs]")
-    tune.add_argument("--epochs", type=_positive_float, help="passes over the training data (with --steps: whichever first)")
-    tune.add_argument("--batch-size", type=_positive_int, default=16, help="examples per micro-batch [16]")
-    tune.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step [1]")
-    tune.add_argument("--lr", type=_positive_float, default=5e-4, help="peak learning rate [5e-4]")
-    tune.add_argument("--eval-every", type=_positive_int, default=50, help="evaluate every N steps [50]")
-    tune.add_argument("--patience", type=_positive_int, help="early stopping after N evaluations without improvement")
-    tune.add_argument("--save-every", type=_positive_int, help="write a resumable checkpoint every N steps")
-    tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    tune.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    tune.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--config", help="a JSON file of TrainingConfig fields (command-line flags win)")
+    tune.add_argument("--config", help="a JSON file of TrainingConfig fields (flags given on the command line win)")
     tune.add_argument("--trust-remote-code", action="store_true", help="allow a hub model to run its own code (off)")
+    lora = tune.add_argument_group("LoRA (low-rank adapters; the base model stays frozen)")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    lora.add_argument("--lora-r", type=_positive_int, default=16, help="adapter rank [16]")
+    lora.add_argument("--lora-alpha", type=_positive_float, default=32.0, help="adapter scale alpha [32]")
+    lora.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the adapters' input [0]")
+    lora.add_argument("--lora-targets", default="attention", help="'attention' (query, key, value, output), "
+                      "'attention+mlp', or comma-separated module names (see print(model)) [attention]")
+    settings = tune.add_argument_group("training settings (TrainingConfig fields)")
+    for spec in fields(TrainingConfig):
+        _add_config_flag(settings, spec)
 
     evaluate_cmd = commands.add_parser("evaluate", help="validation loss and perplexity of a model on data")
     evaluate_cmd.add_argument("--model", default="tiny-gpt2-base")
@@ -110,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--split", default="validation", help="course dataset split [validation]")
     evaluate_cmd.add_argument("--text-field", default="text")
     evaluate_cmd.add_argument("--block-size", type=_positive_int, default=128)
+
+    chat_cmd = commands.add_parser("chat", help="talk to a chat model through its chat template", description=(
+        "Talk to a chat model (one with a chat template, such as smollm2-135m-instruct, or one fine-tuned with "
+        "the course's speaker tags). Type a message and press Enter; an empty line or Ctrl-D ends. With --message, "
+        "answer that one message and exit."))
+    chat_cmd.add_argument("--model", default="smollm2-135m-instruct")
+    chat_cmd.add_argument("--message", action="append", help="a message to answer (repeat for several turns); no "
+                          "prompt is read")
+    chat_cmd.add_argument("--system", help="a system message, for templates that have one")
+    chat_cmd.add_argument("--max-new-tokens", type=_positive_int, default=80)
+    chat_cmd.add_argument("--temperature", type=_positive_float, default=0.7)
+    chat_cmd.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    chat_cmd.add_argument("--seed", type=int, default=0)
 
     generate_cmd = commands.add_parser("generate", help="continue a prompt")
     generate_cmd.add_argument("--model", default="tiny-gpt2-base")
@@ -170,23 +230,41 @@ def _check_out_folder(out: Path, resume: bool) -> None:
         )
 
 
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
+    """The file's settings (if any), then only the flags given on the command line over them."""
+    values: dict[str, Any] = TrainingConfig.load(args.config).to_dict() if args.config else {}
+    given = {spec.name: getattr(args, spec.name) for spec in fields(TrainingConfig) if hasattr(args, spec.name)}
+    if given.keys() & {"max_steps", "epochs"}:  # --steps alone means N steps, --epochs alone N passes
+        given = {"max_steps": None, "epochs": None, **given}
+    values.update(given)
+    if "output_dir" not in values:
+        raise ConfigError("Say where to write the run: --out FOLDER (or output_dir in the --config file).")
+    return TrainingConfig.from_dict(values)
+
+
+def _lora_targets(text: str) -> dict[str, Any]:
+    if text == "attention":
+        return {}
+    if text == "attention+mlp":
+        return {"include_mlp": True}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("--lora-targets: give 'attention', 'attention+mlp' or module names such as q_proj,v_proj.")
+    return {"target_modules": names}
+
+
 def _finetune(args: argparse.Namespace) -> int:
-    from .config import TrainingConfig
-    from .data import COURSE_DATASETS, model_context_length, prepare_dataset, split_texts
-    from .models import load_model
+    from .data import COURSE_DATASETS, prepare_dataset, split_texts
+    from .models import load_model, model_context_length
+    from .strategies import apply_lora, save_merged
     from .training import train
 
-    values: dict[str, Any] = TrainingConfig.load(args.config).to_dict() if args.config else {}
-    values.update(output_dir=args.out, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                  learning_rate=args.lr, eval_every=args.eval_every, early_stopping_patience=args.patience,
-                  save_every=args.save_every, resume=args.resume, precision=args.precision, device=args.device,
-                  seed=args.seed)
-    if args.steps or args.epochs:
-        values.update(max_steps=args.steps, epochs=args.epochs)
-    config = TrainingConfig.from_dict(values)
+    config = _training_config(args)
+    lora_options = _lora_targets(args.lora_targets) if args.lora else {}
 
     # Read and check everything before the output folder is touched, so a bad input writes nothing.
-    _check_out_folder(Path(args.out), args.resume)
+    out = Path(config.output_dir)
+    _check_out_folder(out, config.resume)
     course = args.data in COURSE_DATASETS and not Path(args.data).exists()
     texts, cleaning = _load_clean_texts(args.data, args.text_field, "train")
     logging.info("Cleaning %s: %s", args.data, cleaning)
@@ -194,7 +272,7 @@ def _finetune(args: argparse.Namespace) -> int:
         eval_texts, _ = _load_clean_texts(args.eval_data or args.data, args.text_field, "validation")
         splits = {"train": texts, "validation": eval_texts}
     elif args.validation:
-        splits = split_texts(texts, validation=args.validation, seed=args.seed)
+        splits = split_texts(texts, validation=args.validation, seed=config.seed)
     else:
         splits = {"train": texts, "validation": []}
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -203,19 +281,27 @@ def _finetune(args: argparse.Namespace) -> int:
     eval_data = None
     if splits["validation"]:
         eval_data, _ = prepare_dataset(tokenizer, splits["validation"], block_size=args.block_size, mode=args.mode, max_context=context)
+    if args.lora:
+        model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, **lora_options)
     print(f"Data: {report}")
     result = train(model, tokenizer, train_data, eval_data, config)
-    out = Path(args.out)
-    (out / "data_report.json").write_text(json.dumps({"cleaning": vars(cleaning), "train": report.as_dict()}, indent=1))
+    (out / "data_report.json").write_text(json.dumps({"cleaning": cleaning.to_dict(), "train": report.to_dict()}, indent=1))
     print(result)
+    if args.lora:
+        result.model.save_pretrained(out / "adapter")  # adapter_config.json + adapter_model.safetensors
+        tokenizer.save_pretrained(out / "adapter")
+        best = load_model(str(result.best_dir))[0] if result.best_dir else result.model
+        merged = save_merged(best, tokenizer, out / "merged")
+        print(f"Adapters: {out / 'adapter'}\nMerged model ({'best' if result.best_dir else 'final'} adapters folded in, "
+              f"loads without peft): {merged}")
     print(f"Plot: {out / 'history.png'}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import model_context_length, prepare_dataset
+    from .data import prepare_dataset
     from .evaluation import evaluate
-    from .models import load_model
+    from .models import load_model, model_context_length
 
     texts, _ = _load_clean_texts(args.data, args.text_field, args.split)
     model, tokenizer = load_model(args.model)

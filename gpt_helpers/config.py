@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NONFINITE_POLICIES = ("stop", "skip")
+TRACKERS = ("tensorboard",)
 
 
 @dataclass
@@ -56,10 +57,11 @@ class TrainingConfig:
     save_best: bool = True
     save_final: bool = True
     resume: bool = False
+    allow_config_change: bool = False  # resume with more steps or other intervals (never another batch, lr or model)
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"
-    compile: bool | None = None  # torch.compile the model; None: on CUDA only (pays back on GPU runs of minutes)
+    precision: str = "auto"  # auto: bf16 on GPUs that have it (else fp16), on CPUs where a probe step shows it pays
+    compile: bool | None = None  # torch.compile the model; None: on CUDA for runs long enough to repay compiling
     fused_adamw: bool | None = None  # one fused AdamW kernel; None: on CUDA and CPU
     pad_vocab_to_multiple_of: int | None = None  # pad the output layer for faster matmuls; None: 64 on CUDA, 0: off
     gradient_checkpointing: bool = False
@@ -67,6 +69,7 @@ class TrainingConfig:
     oom_backoff: bool = True
     progress: bool = True
     plot: bool = True
+    report_to: str | None = None  # "tensorboard": log to <output_dir>/tensorboard through Accelerate's trackers
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -105,6 +108,8 @@ class TrainingConfig:
         self._check_choice("precision", PRECISIONS)
         self._check_choice("device", DEVICES)
         self._check_choice("nonfinite", NONFINITE_POLICIES)
+        if self.report_to is not None:
+            self._check_choice("report_to", TRACKERS)
         if not str(self.output_dir).strip():
             raise ConfigError("output_dir must be a folder path, not empty.")
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import DataError
@@ -274,6 +275,9 @@ class CleaningReport:
     rows_duplicate: int = 0
     rows_kept: int = 0
 
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
     def __str__(self) -> str:
         return (f"{self.rows_in:,} rows in: {self.rows_kept:,} kept, {self.rows_empty:,} empty and "
                 f"{self.rows_duplicate:,} exact duplicates removed")
@@ -465,7 +469,7 @@ class DataReport:
     padding_fraction_if_padded: float = 0.0
     lengths: list[int] = field(default_factory=list, repr=False)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The report without the per-row lengths (for tables and JSON)."""
         data = asdict(self)
         data.pop("lengths")
@@ -486,16 +490,6 @@ class DataReport:
 def _padding_waste(lengths: Sequence[int], block_size: int) -> float:
     kept = [min(n, block_size) for n in lengths]
     return 1 - sum(kept) / max(len(kept) * block_size, 1)
-
-
-def model_context_length(model_or_config: Any) -> int | None:
-    """The longest sequence a model's position embeddings allow (None when unlimited or unknown)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_block_settings(mode: str, block_size: int, max_context: int | None) -> None:
@@ -536,7 +530,7 @@ def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, m
     total = sum(lengths)
     common = dict(
         rows=len(texts), tokens=total, block_size=block_size, length_min=min(lengths),
-        length_median=statistics.median(lengths), length_p95=_percentile(lengths, 95), length_max=max(lengths),
+        length_median=statistics.median(lengths), length_p95=float(np.percentile(lengths, 95)), length_max=max(lengths),
         padding_fraction_if_padded=_padding_waste(lengths, block_size), lengths=lengths,
     )
     if mode == "pack":
@@ -560,10 +554,3 @@ def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, m
         )
     logger.info("Prepared data: %s", report)
     return dataset, report
-
-
-def _percentile(values: Sequence[int], percent: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * percent / 100
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import model_context_length
+from .models import model_context_length
 from .errors import ConfigError, GPTHelpersError
 
 

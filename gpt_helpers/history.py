@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,55 @@ class History:
     @property
     def final(self) -> HistoryRecord | None:
         return self.records[-1] if self.records else None
+
+    def summary(self) -> dict[str, Any]:
+        """The facts of a run that every report shows (``TrainResult``, the training panel, model cards), defined once.
+
+        ``epochs`` counts full passes over the examples an epoch trains on; ``examples_seen`` is steps × global
+        batch; ``tokens_per_second`` is the median of the logged training speeds.
+
+        >>> h = History(info={"device": "cpu", "global_batch_size": 4})
+        >>> _ = h.log(step=5, epoch=0.5, tokens_seen=100, learning_rate=1e-3, train_loss=2.0, elapsed_seconds=3.0)
+        >>> h.summary()["steps"], h.summary()["examples_seen"], h.summary()["device"]
+        (5, 20, 'cpu')
+        """
+        if not self.records:
+            raise GPTHelpersError("The history has no records: train first, or load the run's history.json.")
+        info, config, final, best = self.info, self.info.get("config", {}), self.final, self.best
+        speeds = [r.tokens_per_second for r in self.records if r.tokens_per_second]
+        batch = info.get("global_batch_size", config.get("batch_size"))
+        return {
+            "steps": final.step, "epochs": round(final.epoch, 2),
+            "examples_seen": final.step * batch if batch else None, "tokens_seen": final.tokens_seen,
+            "training_seconds": round(final.elapsed_seconds, 1),
+            "tokens_per_second": statistics.median(speeds) if speeds else None,
+            "device": info.get("device"), "precision": info.get("precision"), "parameters": info.get("parameters"),
+            "trainable_parameters": info.get("trainable_parameters"), "train_examples": info.get("train_examples"),
+            "batch_size": batch, "learning_rate": config.get("learning_rate"), "lr_schedule": config.get("lr_schedule"),
+            "warmup_steps": config.get("warmup_steps"), "weight_decay": config.get("weight_decay"),
+            "seed": config.get("seed"), "stop_reason": info.get("stop_reason"),
+            "best_step": best.step if best else None, "best_validation_loss": best.eval_loss if best else None,
+            "best_validation_perplexity": best.eval_perplexity if best else None,
+        }
+
+    def summary_line(self) -> str:
+        """:meth:`summary` in one line of text.
+
+        >>> h = History()
+        >>> _ = h.log(step=2, epoch=0.25, tokens_seen=64, learning_rate=1e-3, train_loss=2.0, tokens_per_second=10.0,
+        ...           elapsed_seconds=6.4)
+        >>> h.summary_line()
+        '2 steps (0.25 epochs, 64 target tokens) in 6.4 s, median 10 tokens/s'
+        """
+        facts = self.summary()
+        line = (f"{facts['steps']:,} steps ({facts['epochs']:g} epochs, {facts['tokens_seen']:,} target tokens) in "
+                f"{facts['training_seconds']:g} s")
+        if facts["tokens_per_second"]:
+            line += f", median {facts['tokens_per_second']:,.0f} tokens/s"
+        if facts["best_step"] is not None:
+            line += (f"; best validation perplexity {facts['best_validation_perplexity']:.2f} at step "
+                     f"{facts['best_step']:,}")
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         return {"info": self.info, "records": [asdict(r) for r in self.records]}

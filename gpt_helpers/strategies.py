@@ -29,6 +29,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from . import checkpoints
+from .architecture import base_model, head_is_tied, lora_target_modules, model_levels, transformer_blocks
 from .config import TrainingConfig
 from .errors import ConfigError
 from .history import History
@@ -42,65 +43,8 @@ STRATEGIES = ("full", "head_only", "frozen_body", "freeze_lower_half", "discrimi
 ULMFIT_DECAY = 2.6
 
 
-# ------------------------------------------------------------------------------------------ the model's levels
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
-
-
-def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of transformer blocks, bottom first (GPT-2 ``transformer.h``, NeoX ``gpt_neox.layers``…).
-
-    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
-    >>> len(transformer_blocks(build_model_from_config(tiny_gpt2_config(n_layer=3))))
-    3
-    """
-    base = _base_model(model)
-    layers = getattr(base.config, "num_hidden_layers", None)
-    for _, module in base.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == layers and layers:
-            return module
-    raise ConfigError(
-        f"Could not find the transformer blocks of {type(base).__name__}: no list of {layers} layers (the config's "
-        "num_hidden_layers). The strategies support decoder-only models such as GPT-2, GPT-NeoX and Llama."
-    )
-
-
-def model_levels(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
-    """Every parameter once, grouped bottom to top: embeddings, block 0 … block L-1, head.
-
-    A tied output layer (GPT-2's ``lm_head`` is ``wte``) belongs to ``embeddings``.
-
-    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
-    >>> [name for name, _ in model_levels(build_model_from_config(tiny_gpt2_config()))]
-    ['embeddings', 'block 0', 'block 1', 'head']
-    """
-    base = _base_model(model)
-    blocks = transformer_blocks(base)
-    seen: set[int] = set()
-
-    def take(parameters) -> list[torch.nn.Parameter]:
-        fresh = [p for p in parameters if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        return fresh
-
-    block_params = [take(block.parameters()) for block in blocks]
-    in_blocks = {id(m) for block in blocks for m in block.modules()}
-    embedding_modules = [m for m in base.modules() if isinstance(m, torch.nn.Embedding) and id(m) not in in_blocks]
-    embeddings = take(p for module in embedding_modules for p in module.parameters())
-    head = take(base.parameters())
-    levels = [("embeddings", embeddings)] + [(f"block {i}", params) for i, params in enumerate(block_params)]
-    return levels + [("head", head)]
-
-
-def head_is_tied(model: torch.nn.Module) -> bool:
-    """True when the output layer shares its weight with the token embeddings (GPT-2, and many small models)."""
-    base = _base_model(model)
-    output = base.get_output_embeddings()
-    return output is not None and output.weight is base.get_input_embeddings().weight
 
 
 def _set_trainable(parameters, trainable: bool) -> None:
@@ -143,7 +87,7 @@ def freeze(model: torch.nn.Module, *, embeddings: bool = False, lower_blocks: in
     _set_trainable(model.parameters(), not all_but_head)
     if all_but_head:
         _set_trainable(levels[-1][1], True)
-        output = _base_model(model).get_output_embeddings()
+        output = base_model(model).get_output_embeddings()
         if head_is_tied(model):
             output.weight.requires_grad_(True)
             logger.warning("The output layer is tied to the token embeddings: 'head only' trains that shared %s matrix "
@@ -177,7 +121,7 @@ def set_dropout(model: torch.nn.Module, p: float) -> int:
         elif isinstance(getattr(module, "attention_dropout", None), float):  # rate passed to the attention kernel
             module.attention_dropout = p
             changed += 1
-    config = _base_model(model).config
+    config = base_model(model).config
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
         if isinstance(getattr(config, name, None), float):
             setattr(config, name, p)
@@ -192,7 +136,7 @@ def from_scratch(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
     >>> type(from_scratch(model)) is type(model)
     True
     """
-    base = _base_model(model)
+    base = base_model(model)
     dtype = next(base.parameters()).dtype
     return build_model_from_config(base.config, seed=seed, dtype=dtype)
 
@@ -280,41 +224,37 @@ class GradualUnfreezing:
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-def _default_lora_targets(model: torch.nn.Module) -> list[str]:
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    model_type = _base_model(model).config.model_type
-    if model_type not in DEFAULTS:
-        raise ConfigError(f"No default LoRA targets for model type '{model_type}': pass target_modules=[...] naming its "
-                          "attention projections (see print(model)).")
-    return list(DEFAULTS[model_type])
-
-
 def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-               target_modules: Sequence[str] | None = None) -> torch.nn.Module:
+               target_modules: Sequence[str] | None = None, include_mlp: bool = False) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (``peft``): the base is frozen, only the low-rank matrices train.
 
-    Default targets are the attention projections: GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, Llama
-    ``q_proj`` and ``v_proj``. For GPT-2 add ``"c_proj"`` to adapt the attention's and the MLP's output
-    projections too. GPT-2's ``Conv1D`` layers store weights transposed: ``fan_in_fan_out`` is set for them.
+    Default targets are every attention projection of every block, found by
+    :func:`~gpt_helpers.architecture.lora_target_modules`: GPT-2 ``c_attn`` and ``attn.c_proj``, Llama (SmolLM2)
+    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``. ``include_mlp=True`` adds the MLP's projections (GPT-2
+    ``c_fc``, ``mlp.c_proj``; Llama ``gate_proj``, ``up_proj``, ``down_proj``); ``target_modules`` names them
+    yourself. GPT-2's ``Conv1D`` layers store weights transposed: ``fan_in_fan_out`` is set for them.
     The adapters start as a no-op (B = 0): the wrapped model computes exactly what the base model did.
 
     >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
     >>> lora = apply_lora(build_model_from_config(tiny_gpt2_config()), r=4)
     >>> count_parameters(lora).trainable
-    1024
+    1536
     """
     from peft import LoraConfig, get_peft_model
 
     if _is_peft(model):
         raise ConfigError("This model already has LoRA adapters. Start again from the base model, or merge them with merge_lora().")
-    if r < 1:
-        raise ConfigError(f"The LoRA rank r must be at least 1, not {r}. Typical values: 4 to 64.")
-    targets = list(target_modules) if target_modules else _default_lora_targets(model)
-    matched = [m for name, m in model.named_modules() if name.split(".")[-1] in targets]
+    if not isinstance(r, int) or r < 1:
+        raise ConfigError(f"The LoRA rank r must be a whole number of at least 1, not {r!r}. Typical values: 4 to 64.")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"The LoRA dropout must be in [0, 1), not {dropout}.")
+    if target_modules is not None and include_mlp:
+        raise ConfigError("Pass either target_modules or include_mlp=True, not both.")
+    targets = list(target_modules) if target_modules else lora_target_modules(model, include_mlp=include_mlp)
+    matched = [m for name, m in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
     if not matched:
-        raise ConfigError(f"No module of {type(model).__name__} is named {targets}. Pick names from print(model), "
-                          "for GPT-2 'c_attn' and 'c_proj'.")
+        raise ConfigError(f"No module of {type(model).__name__} is named {targets}. Pick names from print(model) "
+                          f"(this model's attention projections: {lora_target_modules(model)}).")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched))
     lora_model = get_peft_model(model, config)

@@ -1,53 +1,55 @@
 """The training loop, on HF Accelerate: one function, ``train``, that every lesson and the CLI call.
 
-What happens in one optimizer step, in order:
+What happens in one optimizer step, in order (:meth:`_Loop.run` reads top to bottom):
 
 1. take the next ``batch_size × gradient_accumulation_steps × processes`` examples of this epoch's shuffled order;
 2. count the real (non-padding) target tokens of the whole step, so the loss is a mean *per token*,
    whatever the accumulation or the number of processes;
 3. forward and backward each micro-batch (gradients add up; DDP syncs only on the last one);
-4. clip gradients, step AdamW and the learning-rate schedule;
-5. every ``log_every`` steps read the loss back to the host (the only sync), every ``eval_every`` steps
-   evaluate, keep the best model and maybe stop early, every ``save_every`` steps write a checkpoint.
+4. refuse a non-finite loss or gradient before it reaches the weights; clip; step AdamW and the schedule;
+5. when due: log the loss window, evaluate (keep the best model, maybe stop early), write a checkpoint.
 
-A run killed at any moment resumes from its newest complete checkpoint (``resume=True``) and continues
-the same run: same data order, schedule, optimizer moments and random state.
+A run killed at any moment resumes from its newest intact checkpoint (``resume=True``) and continues the same run:
+same data order, schedule, optimizer moments and random state. Ctrl-C (a notebook's interrupt) and the panel's
+Stop end the run at the next step boundary with a checkpoint and the history written.
+
+Callbacks are any objects with some of these methods: ``on_train_begin(state)``, ``on_step_end(state)``,
+``on_log(state, history)``, ``on_train_end(state, history)``; ``state.stop_requested = True`` ends the run cleanly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 
-from . import checkpoints
+from . import checkpoints, resume
 from .config import TrainingConfig
-from .errors import ConfigError, DataError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluation import EvalResult, evaluate, perplexity, token_losses
 from .history import History
 from .models import count_parameters
-from .vocab_padding import PaddedVocabulary, padded_size
+from .precision import PrecisionChoice, choose_precision, probe_step_seconds
+from .vocab_padding import pad_vocabulary
 
 logger = logging.getLogger(__name__)
 
-
-class Callback(Protocol):
-    """Hooks into the loop; implement any subset. ``state.stop_requested = True`` ends training cleanly."""
-
-    def on_train_begin(self, state: "TrainState") -> None: ...
-    def on_step_end(self, state: "TrainState") -> None: ...
-    def on_log(self, state: "TrainState", history: History) -> None: ...
-    def on_train_end(self, state: "TrainState", history: History) -> None: ...
+#: ``compile=None`` compiles on CUDA only for runs of at least this many steps (compiling takes a minute or so).
+COMPILE_MIN_STEPS = 1000
 
 
 @dataclass
@@ -69,11 +71,11 @@ class TrainState:
     skipped_nonfinite_steps: int = 0
     model: Any = field(default=None, repr=False)
 
+    SAVED = ("step", "epoch", "sample_offset", "tokens_seen", "best_eval_loss", "best_step", "evals_without_improvement",
+             "micro_batch_size", "accumulation_steps", "elapsed_seconds", "skipped_nonfinite_steps")
+
     def to_dict(self) -> dict[str, Any]:
-        keys = ("step", "epoch", "sample_offset", "tokens_seen", "best_eval_loss", "best_step",
-                "evals_without_improvement", "micro_batch_size", "accumulation_steps", "elapsed_seconds",
-                "skipped_nonfinite_steps")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in self.SAVED}
 
 
 @dataclass
@@ -90,44 +92,111 @@ class TrainResult:
     final_eval: EvalResult | None
 
     def __str__(self) -> str:
-        lines = [f"Training stopped: {self.stop_reason}.", f"History: {self.output_dir / 'history.json'}"]
+        lines = [f"Training stopped: {self.stop_reason}.", self.history.summary_line()]
         if self.final_eval:
-            lines.insert(1, f"Final validation: {self.final_eval}")
-        if self.best_dir:
-            lines.append(f"Best model: {self.best_dir}")
-        if self.model_dir:
-            lines.append(f"Final model: {self.model_dir}")
+            lines.append(f"Final validation: {self.final_eval}")
+        lines.append(f"History: {self.output_dir / 'history.json'}")
+        for label, folder in (("Best model", self.best_dir), ("Final model", self.model_dir),
+                              ("Checkpoint", self.last_checkpoint)):
+            if folder:
+                lines.append(f"{label}: {folder}")
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Due:
+    """What the loop does after a step besides training: log, evaluate, checkpoint; ``final`` on the last step."""
+
+    log: bool
+    eval: bool
+    checkpoint: bool
+    final: bool
+
+
+def due_after(step: int, config: TrainingConfig, *, final: bool, can_eval: bool) -> Due:
+    """What is due after ``step`` steps.
+
+    A checkpoint step is also a log step: the loss window is flushed into the saved state, so a resumed run logs
+    exactly what the uninterrupted run logs.
+
+    >>> due_after(10, TrainingConfig(log_every=10, eval_every=50), final=False, can_eval=True)
+    Due(log=True, eval=False, checkpoint=False, final=False)
+    """
+    checkpoint = bool(config.save_every) and step % config.save_every == 0 and not final
+    return Due(log=step % config.log_every == 0 or final or checkpoint,
+               eval=can_eval and (step % config.eval_every == 0 or final), checkpoint=checkpoint, final=final)
+
+
+class LossWindow:
+    """The training loss and tokens since the last log line, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.tokens = torch.zeros((), device=device, dtype=torch.long)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.tokens += tokens
+        self.steps += 1
+
+    def flush(self) -> tuple[float, int, float]:
+        """``(mean step loss, tokens, tokens per second)`` of the window, which starts again empty."""
+        mean = float(self.loss) / self.steps if self.steps else math.nan
+        tokens = int(self.tokens)
+        speed = tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.loss.zero_(), self.tokens.zero_()
+        self.steps = 0
+        self.restart_clock()
+        return mean, tokens, speed
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpoint time does not count against training speed."""
+        self.started = time.perf_counter()
+
+
+class Clock:
+    """Seconds of training so far, across a resume (evaluation included, as the time budget counts it)."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.started = time.perf_counter()
+
+    def restart(self, before: float = 0.0) -> None:
+        self.before, self.started = before, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+
+def schedule(config: TrainingConfig, max_steps: int, clock: Clock):
+    """The learning-rate factor of each step, for ``LambdaLR``: warmup, then decay by steps (or by time, with a
+    time budget). A plain function, so the scheduler's saved state holds no object of ours."""
+
+    def factor(step: int) -> float:
+        progress = step / max_steps
+        if config.max_time_seconds:
+            progress = max(progress, clock.elapsed() / config.max_time_seconds)
+        return lr_factor(progress, step, config)
+
+    return factor
+
+
+class Callbacks:
+    """The user's callbacks; each implements any subset of the hooks."""
+
+    def __init__(self, callbacks) -> None:
+        self.callbacks = list(callbacks)
+
+    def fire(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(*args)
+
+
 # ------------------------------------------------------------------------------------------- set-up helpers
-def choose_precision(config: TrainingConfig, device_type: str) -> str:
-    """bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs such as the T4, fp32 elsewhere."""
-    if config.precision != "auto":
-        if config.precision == "fp16" and device_type == "cpu":
-            raise ConfigError("precision='fp16' needs a GPU (loss scaling on CPU is not supported). Use fp32 or bf16 on CPU.")
-        return config.precision
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def make_accelerator(config: TrainingConfig) -> Accelerator:
-    """An Accelerator for the requested device and precision (it also handles multi-process launches)."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA GPU is visible. Use device='auto' to fall back to the CPU.")
-    if config.device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps' but Apple's MPS backend is not available. Use device='auto'.")
-    probe = "cpu" if config.device == "cpu" else ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    precision = choose_precision(config, probe)
-    # Accelerate keeps one process-wide state; a notebook that trains twice with other settings needs it fresh.
-    # A multi-process group (PartialState) is kept; a single-process one is re-read from the environment.
-    single_process = PartialState._shared_state.get("num_processes", 1) == 1
-    AcceleratorState._reset_state(reset_partial_state=single_process)
-    GradientState._reset_state()
-    return Accelerator(cpu=probe == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
-
-
 def lr_factor(progress: float, step: int, config: TrainingConfig) -> float:
     """Linear warmup for ``warmup_steps``, then cosine / linear decay to ``min_lr_ratio`` (or constant)."""
     if step < config.warmup_steps:
@@ -140,18 +209,52 @@ def lr_factor(progress: float, step: int, config: TrainingConfig) -> float:
 
 
 def default_param_groups(model: torch.nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on biases and LayerNorm weights), every parameter included.
+    """Weight decay on matrices only (not on biases and norm weights), every parameter included once.
 
     Frozen parameters stay in the optimizer so a strategy can unfreeze them mid-run; AdamW skips them
     while they have no gradient.
     """
-    decay, no_decay, seen = [], [], set()
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    parameters = list(model.parameters())  # shared (tied) parameters come once
+    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def make_accelerator(config: TrainingConfig, precision: str) -> Accelerator:
+    """An Accelerator for the requested device and precision (it also handles multi-process launches)."""
+    # Accelerate keeps one process-wide state; a notebook that trains twice with other settings needs it fresh.
+    # A multi-process group (PartialState) is kept; a single-process one is re-read from the environment.
+    single_process = PartialState._shared_state.get("num_processes", 1) == 1
+    AcceleratorState._reset_state(reset_partial_state=single_process)
+    GradientState._reset_state()
+    trackers = {}
+    if config.report_to:
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard "
+                              "(then: tensorboard --logdir <output_dir>).")
+        trackers = dict(log_with=config.report_to, project_dir=config.output_dir)
+    return Accelerator(cpu=training_device(config) == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision),
+                       **trackers)
+
+
+def training_device(config: TrainingConfig) -> str:
+    """The device type a run trains on: the one asked for, else CUDA, then MPS, then the CPU."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible. Use device='auto' to fall back to the CPU.")
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but Apple's MPS backend is not available. Use device='auto'.")
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _compile_choice(config: TrainingConfig, device_type: str, max_steps: int) -> tuple[bool, str]:
+    if config.compile is not None:
+        return config.compile, "set in the config"
+    if device_type != "cuda":
+        return False, f"not on {device_type} by default"
+    long_enough = max_steps >= COMPILE_MIN_STEPS or (config.max_time_seconds or 0) >= 600
+    return long_enough, (f"a CUDA run of {max_steps} steps {'repays' if long_enough else 'is too short to repay'} "
+                         f"compiling (from {COMPILE_MIN_STEPS} steps or 10 minutes)")
 
 
 def _batch_of(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -167,7 +270,7 @@ def _batch_of(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _model_name(model) -> str | None:
-    """The model's hub or bundled name (a folder's own name, never a full path of this machine)."""
+    """The model's hub or short name (a folder's own name, never a full path of this machine)."""
     name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
     return Path(name).name if os.path.isabs(name) else (name or None)
 
@@ -176,71 +279,135 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+@contextlib.contextmanager
+def _stop_on_interrupt(state: TrainState):
+    """Ctrl-C (SIGINT, a notebook's interrupt) asks the loop to stop at the next step boundary; a second one
+    interrupts at once. Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        signal.signal(signal.SIGINT, previous)
+        state.stop_requested = True
+        state.stop_reason = (f"interrupted (Ctrl-C) after step {state.step}; a checkpoint was written: continue with "
+                             "resume=True (--resume) and the same settings")
+        logger.warning("Interrupted: stopping after this step (press Ctrl-C again to abort at once).")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is request_stop:
+            signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 class _Loop:
-    """The state and steps of one call to :func:`train` (kept small; read top to bottom)."""
+    """The state and steps of one call to :func:`train`; :meth:`run` is the loop, the rest its named helpers."""
 
     def __init__(self, model, tokenizer, train_data, eval_data, config: TrainingConfig,
                  param_groups: list[dict[str, Any]] | None, callbacks: list, accelerator: Accelerator | None):
         if len(train_data) == 0:
             raise DataError("The training dataset is empty. Check the data file and the cleaning report.")
-        self.config = config
-        self.tokenizer = tokenizer
-        self.train_data = train_data
-        self.eval_data = eval_data
-        self.callbacks = list(callbacks)
-        self.accelerator = accelerator or make_accelerator(config)
+        self.config, self.tokenizer, self.train_data, self.eval_data = config, tokenizer, train_data, eval_data
+        self.callbacks = Callbacks(callbacks)
         self.out = Path(config.output_dir)
-        set_seed(config.seed)
         self.raw_model = model
+        self.clock = Clock()
+        self.world = accelerator.num_processes if accelerator else int(os.environ.get("WORLD_SIZE", "1"))
+        self.max_steps = self._max_steps()
+        self.resume_from = self._find_checkpoint() if config.resume else None
+        set_seed(config.seed)
         if config.gradient_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
-            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        device_type = self.accelerator.device.type
-        self.vocabulary = _pad_vocabulary(model, config, device_type, custom_groups=param_groups is not None)
+            _enable_gradient_checkpointing(model)
+        device_type = accelerator.device.type if accelerator else training_device(config)
+        self.precision = self._choose_precision(device_type, accelerator)
+        self.accelerator = accelerator or make_accelerator(config, self.precision.precision)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.max_steps = self._max_steps()
+        self.vocabulary = pad_vocabulary(model, config.pad_vocab_to_multiple_of, device_type,
+                                         custom_groups=param_groups is not None)
         groups = param_groups or default_param_groups(model, config)
         for group in groups:
             group.setdefault("lr", config.learning_rate)
-            group["initial_lr"] = group["lr"]
         fused = config.fused_adamw if config.fused_adamw is not None else device_type in ("cuda", "cpu")
-        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                           weight_decay=config.weight_decay, fused=fused or None)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
-        use_compile = config.compile if config.compile is not None else device_type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.weight_decay, fused=fused or None)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.max_steps, self.clock))
+        use_compile, compile_reason = _compile_choice(config, device_type, self.max_steps)
         self.forward_model = torch.compile(self.model) if use_compile else self.model
-        self.world = self.accelerator.num_processes
-        self.rank = self.accelerator.process_index
-        self.state = TrainState(micro_batch_size=config.batch_size, accumulation_steps=config.gradient_accumulation_steps)
-        self.state.model = self.raw_model
+        self.state = TrainState(micro_batch_size=config.batch_size, accumulation_steps=config.gradient_accumulation_steps,
+                                model=model)
         self.history = History()
-        self.max_steps = self._max_steps()
-        self.started = time.perf_counter()
-        self.elapsed_before = 0.0
-        precision = self.accelerator.mixed_precision
-        counts = count_parameters(self.raw_model)
+        self.identity = {**resume.run_identity(model, train_data, _model_name(model)), "processes": self.world}
+        self.last_eval: EvalResult | None = None
+        self.last_checkpoint: Path | None = None
+        self.step_lr = config.learning_rate
+        counts = count_parameters(model)
         self.history.info = {
-            "device": str(self.accelerator.device), "precision": {"no": "fp32"}.get(precision, precision),
-            "processes": self.world, "compile": bool(use_compile), "fused_adamw": bool(fused),
-            "padded_vocabulary": self.vocabulary.size if self.vocabulary else None,
+            "device": str(self.accelerator.device), "precision": self.precision.precision,
+            "precision_reason": self.precision.reason, "processes": self.world, "compile": bool(use_compile),
+            "compile_reason": compile_reason, "fused_adamw": bool(fused),
+            "padded_vocabulary": self.vocabulary.size if self.vocabulary.active else None,
             "parameters": counts.total, "trainable_parameters": counts.trainable, "max_steps": self.max_steps,
-            "train_examples": len(train_data), "global_batch_size": self.global_batch, "config": config.to_dict(),
-            "base_model": _model_name(model),
+            "train_examples": len(train_data), "global_batch_size": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch, "config": config.to_dict(), "base_model": _model_name(model),
         }
 
+    # ---------------------------------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        state, config = self.state, self.config
+        self.resume()
+        self.clock.restart(self.state.elapsed_seconds)
+        logger.info("Training on %s, precision %s (%s), %s parameters, %d steps of %d examples.",
+                    self.history.info["device"], self.precision.precision, self.precision.reason,
+                    count_parameters(self.raw_model), self.max_steps, self.global_batch)
+        self._start_trackers()
+        self.callbacks.fire("on_train_begin", state)
+        bar = _progress_bar(config, self.max_steps, state.step, self.accelerator.is_main_process)
+        window = LossWindow(self.accelerator.device)
+        self.model.train()
+        while state.step < self.max_steps and not state.stop_requested:
+            loss, tokens, skipped = self._step()
+            if not skipped:  # a skipped step trained on nothing: its NaN must not hide the window's real loss
+                window.add(loss, tokens)
+            self.callbacks.fire("on_step_end", state)
+            self._check_time_budget()
+            due = due_after(state.step, config, final=state.step >= self.max_steps or state.stop_requested,
+                            can_eval=self.eval_data is not None)
+            if due.log:
+                self._log_training(window, bar)
+            if due.eval:
+                self._evaluate_and_keep_best()
+                window.restart_clock()
+            if due.log or due.eval:
+                self.callbacks.fire("on_log", state, self.history)
+            if due.checkpoint:
+                self.save_checkpoint()
+                window.restart_clock()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        state.stop_reason = state.stop_reason or ("stopped on request" if state.stop_requested else f"reached {self.max_steps} steps")
+        if config.save_every or config.resume or state.stop_requested:
+            self.save_checkpoint()  # a stopped or interrupted run can always be continued
+        return self._finish()
+
+    # ---------------------------------------------------------------------------------------- one step
     @property
     def global_batch(self) -> int:
         return self.state.micro_batch_size * self.state.accumulation_steps * self.world
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_data) // (self.config.effective_batch_size * self.world)
+
     def _max_steps(self) -> int:
         config = self.config
-        steps_per_epoch = len(self.train_data) // (config.effective_batch_size * self.world)
-        if steps_per_epoch == 0:
+        if self.steps_per_epoch == 0:
             raise DataError(
                 f"The training data has {len(self.train_data)} examples, fewer than one step's batch of "
                 f"{config.effective_batch_size * self.world} (batch_size × gradient_accumulation_steps × processes). "
@@ -248,10 +415,9 @@ class _Loop:
             )
         limits = [config.max_steps] if config.max_steps else []
         if config.epochs:
-            limits.append(max(1, math.ceil(config.epochs * steps_per_epoch)))
+            limits.append(max(1, math.ceil(config.epochs * self.steps_per_epoch)))
         return min(limits)
 
-    # ---------------------------------------------------------------------------------------- data order
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.train_data), generator=generator)
@@ -265,24 +431,17 @@ class _Loop:
         order = self._epoch_order(self.state.epoch)
         return order[self.state.sample_offset:self.state.sample_offset + size]
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, counting an epoch as the examples it trains on (its dropped tail excluded)."""
+        per_epoch = self.steps_per_epoch * self.config.effective_batch_size * self.world
+        return self.state.epoch + self.state.sample_offset / per_epoch
+
     def _micro_batches(self, step_indices: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         share = step_indices.chunk(self.world)[self.rank]
         device = self.accelerator.device
         return [{k: v.to(device, non_blocking=True) for k, v in _batch_of(self.train_data, part).items()}
                 for part in share.split(self.state.micro_batch_size)]
-
-    # ---------------------------------------------------------------------------------------- one step
-    def _progress(self) -> float:
-        by_steps = self.state.step / self.max_steps
-        if self.config.max_time_seconds:
-            return max(by_steps, self._elapsed() / self.config.max_time_seconds)
-        return by_steps
-
-    def _set_learning_rate(self) -> float:
-        factor = lr_factor(self._progress(), self.state.step, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        return self.config.learning_rate * factor
 
     def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
@@ -297,23 +456,19 @@ class _Loop:
                     logits = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 losses, _ = token_losses(logits, batch["labels"])
                 batch_sum = losses.sum()
+                # DDP averages gradients over the processes; multiplying by their number first turns that average
+                # into the sum over every process's tokens divided by the global token count: a per-token mean.
                 self.accelerator.backward(batch_sum * self.world / global_tokens)
             loss_sum += batch_sum.detach()
         if self.world > 1:
             loss_sum = self.accelerator.reduce(loss_sum, reduction="sum")
         return loss_sum / global_tokens, global_tokens
 
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step; on a CUDA out-of-memory error, halve the micro-batch and retry the same examples.
-
-        Returns the step's mean token loss, its real target tokens, and whether the update was skipped
-        (``nonfinite='skip'`` and a NaN/inf loss).
-        """
-        indices = self._next_step_indices()
+    def _forward_backward_with_backoff(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_forward_backward`; on out-of-memory, halve the micro-batch, double accumulation and retry."""
         while True:
             try:
-                loss, tokens = self._forward_backward(self._micro_batches(indices))
-                break
+                return self._forward_backward(self._micro_batches(indices))
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
                 if not (_is_oom(error) and self.config.oom_backoff and self.state.micro_batch_size > 1):
                     raise
@@ -325,167 +480,170 @@ class _Loop:
                 logger.warning("Out of memory at step %d: micro-batch halved to %d, accumulation doubled to %d "
                                "(the effective batch stays %d).", self.state.step + 1, self.state.micro_batch_size,
                                self.state.accumulation_steps, self.global_batch)
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step: the step's mean token loss, its real target tokens, and whether it was skipped."""
+        indices = self._next_step_indices()
+        group = self.optimizer.param_groups[0]
+        self.step_lr = self.config.learning_rate * group["lr"] / group["initial_lr"]  # the schedule's factor now
+        loss, tokens = self._forward_backward_with_backoff(indices)
+        norm = None
         if self.config.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        skip = False
-        if self.config.nonfinite == "skip" and not torch.isfinite(loss):
-            skip = True
-            self.state.skipped_nonfinite_steps += 1
-            logger.warning("Step %d: the loss is not finite; the update was skipped (%d skipped so far).",
-                           self.state.step + 1, self.state.skipped_nonfinite_steps)
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        skip = self._refuse_nonfinite(loss, norm)
         if not skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         self.state.step += 1
         self.state.sample_offset += len(indices)
         return loss, tokens, skip
 
-    # ---------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self) -> EvalResult | None:
-        if self.eval_data is None:
-            return None
-        with self.accelerator.autocast():
-            return evaluate(self.raw_model, self.eval_data, batch_size=self.config.eval_batch_size,
-                            max_batches=self.config.eval_batches, device=self.accelerator.device)
+    def _refuse_nonfinite(self, loss: torch.Tensor, norm: torch.Tensor | None) -> bool:
+        """Stop (or, with ``nonfinite='skip'``, skip the update) when the loss or gradient is NaN or infinite,
+        *before* the update reaches the weights, so every checkpoint and the best model stay good."""
+        if bool(torch.isfinite(loss)) and (norm is None or bool(torch.isfinite(norm))):
+            return False
+        step = self.state.step + 1
+        what = f"loss became {float(loss)}" if not torch.isfinite(loss) else f"gradient norm became {float(norm)}"
+        if self.config.nonfinite == "skip":
+            self.state.skipped_nonfinite_steps += 1
+            logger.warning("Step %d: the %s; the update was skipped (%d skipped so far).", step, what,
+                           self.state.skipped_nonfinite_steps)
+            return True
+        self.save_history()
+        kept = [f"the best model so far is in {self.out / 'best'}"] if (self.out / "best").exists() else []
+        if self.last_checkpoint or checkpoints.latest_checkpoint(self.out):
+            kept.append(f"the last checkpoint ({(self.last_checkpoint or checkpoints.latest_checkpoint(self.out)).name}) "
+                        "is intact")
+        raise TrainingError(
+            f"The training {what} at step {step} (learning rate {self.step_lr:.2e}); "
+            "the update was not applied. Likely causes: a learning rate too high for this model (try 10× lower), "
+            "fp16 overflow (use bf16 or fp32), or corrupt data. "
+            + (f"{'; '.join(kept).capitalize()}. " if kept else "")
+            + "Set nonfinite='skip' to skip such steps instead."
+        )
 
-    def _after_eval(self, result: EvalResult) -> None:
-        state, config = self.state, self.config
-        improved = result.loss < state.best_eval_loss - config.early_stopping_min_delta
-        if improved:
-            state.best_eval_loss, state.best_step, state.evals_without_improvement = result.loss, state.step, 0
-            if config.save_best and self.accelerator.is_main_process:
-                with self.vocabulary.real_vocabulary() if self.vocabulary else contextlib.nullcontext():
-                    checkpoints.save_model_folder(self.out / "best", self.accelerator.unwrap_model(self.model), self.tokenizer)
+    def _check_time_budget(self) -> None:
+        state, budget = self.state, self.config.max_time_seconds
+        if budget and self.clock.elapsed() >= budget and state.step < self.max_steps and not state.stop_requested:
+            state.stop_requested, state.stop_reason = True, f"time budget of {budget:g} s reached"
+
+    # ---------------------------------------------------------------------------------------- logging, evaluation
+    def _log_training(self, window: LossWindow, bar) -> None:
+        mean_loss, tokens, speed = window.flush()
+        self.state.tokens_seen += tokens
+        self.history.log(step=self.state.step, epoch=self.epoch_progress, tokens_seen=self.state.tokens_seen,
+                         learning_rate=self.step_lr, train_loss=mean_loss, tokens_per_second=speed,
+                         elapsed_seconds=self.clock.elapsed())
+        self._track({"train_loss": mean_loss, "learning_rate": self.step_lr, "tokens_per_second": speed})
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{self.step_lr:.1e}", refresh=False)
         else:
-            state.evals_without_improvement += 1
-            if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
-                state.stop_requested = True
-                state.stop_reason = (f"early stopping: validation loss has not improved for {state.evals_without_improvement} "
-                                     f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})")
+            logger.info("step %d/%d: loss %.4f, lr %.2e, %.0f tokens/s", self.state.step, self.max_steps, mean_loss,
+                        self.step_lr, speed)
 
-    # ---------------------------------------------------------------------------------------- checkpoints
-    def _elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
+    def _evaluate_and_keep_best(self) -> None:
+        state, config = self.state, self.config
+        with self.accelerator.autocast():
+            result = evaluate(self.raw_model, self.eval_data, batch_size=config.eval_batch_size,
+                              max_batches=config.eval_batches, device=self.accelerator.device)
+        self.last_eval = result
+        self.history.log(step=state.step, epoch=self.epoch_progress, tokens_seen=state.tokens_seen,
+                         learning_rate=self.step_lr, eval_loss=result.loss, eval_perplexity=result.perplexity,
+                         elapsed_seconds=self.clock.elapsed())
+        self._track({"eval_loss": result.loss, "eval_perplexity": result.perplexity})
+        if result.loss < state.best_eval_loss - config.early_stopping_min_delta:
+            state.best_eval_loss, state.best_step, state.evals_without_improvement = result.loss, state.step, 0
+            if config.save_best:
+                self.save_model_folder("best")
+            return
+        state.evals_without_improvement += 1
+        if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
+            state.stop_requested = True
+            state.stop_reason = (f"early stopping: validation loss has not improved for {state.evals_without_improvement} "
+                                 f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})")
 
-    def save_checkpoint(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
+    def _start_trackers(self) -> None:
+        if self.config.report_to:
+            self.accelerator.init_trackers("tensorboard", config={k: v for k, v in self.config.to_dict().items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+
+    def _track(self, values: dict[str, float]) -> None:
+        if self.config.report_to:
+            self.accelerator.log(values, step=self.state.step)
+
+    # ---------------------------------------------------------------------------------------- saving, resuming
+    def save_model_folder(self, name: str) -> Path | None:
+        """Save ``best/`` or ``model/`` from the main process, with the model's real vocabulary."""
         if not self.accelerator.is_main_process:
             return None
-        self.state.elapsed_seconds = self._elapsed()
-        tensor_state = {"optimizer": self.optimizer.state_dict(), "rng": checkpoints.rng_state()}
-        if self.accelerator.scaler is not None:
-            tensor_state["scaler"] = self.accelerator.scaler.state_dict()
-        trainer_state = {"state": self.state.to_dict(), "history": self.history.to_dict(), "config": self.config.to_dict()}
-        folder = checkpoints.save_checkpoint(self.out / "checkpoints" / f"step-{self.state.step:06d}",
-                                             model=self.accelerator.unwrap_model(self.model),
-                                             tensor_state=tensor_state, trainer_state=trainer_state)
-        checkpoints.rotate_checkpoints(self.out, self.config.keep_last)
-        return folder
+        with self.vocabulary.real_vocabulary():
+            return checkpoints.save_model_folder(self.out / name, self.accelerator.unwrap_model(self.model), self.tokenizer)
 
-    def resume(self) -> Path | None:
-        folder = checkpoints.latest_checkpoint(self.out)
+    def save_checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.state.elapsed_seconds = self.clock.elapsed()
+            tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "rng": checkpoints.rng_state()}
+            if self.accelerator.scaler is not None:
+                tensor_state["scaler"] = self.accelerator.scaler.state_dict()
+            adapters_only = hasattr(self.raw_model, "peft_config")
+            trainer_state = {"state": self.state.to_dict(), "history": self.history.to_dict(), "config": self.config.to_dict(),
+                             "identity": self.identity, "precision": self.precision.precision,
+                             "weights": "trainable" if adapters_only else "all"}
+            self.last_checkpoint = checkpoints.save_checkpoint(
+                self.out / "checkpoints" / f"step-{self.state.step:06d}", model=self.accelerator.unwrap_model(self.model),
+                tensor_state=tensor_state, trainer_state=trainer_state, trainable_only=adapters_only)
+            checkpoints.rotate_checkpoints(self.out, self.config.keep_last)
+            self.save_history()
+
+    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest intact checkpoint and its recorded state (damaged newer ones are skipped, with a warning)."""
+        folder, skipped = resume.newest_intact_checkpoint(self.out)
+        for line in skipped:
+            logger.warning("Checkpoint %s is damaged, so it is skipped.", line)
         if folder is None:
+            if skipped:
+                raise CheckpointError(f"Every checkpoint in '{self.out / 'checkpoints'}' is damaged ({'; '.join(skipped)}). "
+                                      "Start a new run (resume=False), or in another output_dir.")
             logger.info("No checkpoint in %s: starting a new run.", self.out / "checkpoints")
             return None
+        if skipped:
+            logger.warning("Resuming from %s instead (the newest intact checkpoint).", folder.name)
+        return folder, json.loads((folder / checkpoints.STATE_FILE).read_text(encoding="utf-8"))
+
+    def _choose_precision(self, device_type: str, accelerator: Accelerator | None) -> PrecisionChoice:
+        if accelerator is not None:
+            precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+            return PrecisionChoice(precision, "the given Accelerator's")
+        if self.resume_from is not None and self.config.precision == "auto" and "precision" in self.resume_from[1]:
+            return PrecisionChoice(self.resume_from[1]["precision"], "the checkpoint's (chosen when the run began)")
+        sample = _batch_of(self.train_data, torch.arange(min(2, self.config.batch_size)))
+        return choose_precision(self.config.precision, device_type, processes=self.world,
+                                probe=lambda precision: probe_step_seconds(self.raw_model, sample, precision))
+
+    def resume(self) -> None:
+        self.history.info["resumed_from"] = None
+        if self.resume_from is None:
+            return
+        folder, recorded = self.resume_from
+        changes = resume.check_compatible(folder, recorded, self.config, self.identity)
         tensor_state, trainer_state = checkpoints.load_checkpoint(folder, self.accelerator.unwrap_model(self.model))
         self.optimizer.load_state_dict(tensor_state["optimizer"])
+        if "scheduler" in tensor_state:
+            self.scheduler.load_state_dict(tensor_state["scheduler"])
         if "scaler" in tensor_state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(tensor_state["scaler"])
         checkpoints.set_rng_state(tensor_state["rng"])
-        saved = trainer_state["state"]
-        for key, value in saved.items():
+        for key, value in trainer_state["state"].items():
             setattr(self.state, key, value)
-        self.elapsed_before = saved["elapsed_seconds"]
         info = self.history.info
         self.history = History.from_dict(trainer_state["history"])
-        self.history.info = info
-        logger.info("Resumed from %s (step %d of %d).", folder, self.state.step, self.max_steps)
-        return folder
-
-    # ---------------------------------------------------------------------------------------- run
-    def run(self) -> TrainResult:
-        config, state = self.config, self.state
-        resumed_from = self.resume() if config.resume else None
-        self.history.info["resumed_from"] = str(resumed_from) if resumed_from else None
-        self.started = time.perf_counter()
-        logger.info("Training on %s, precision %s, %s parameters, %d steps of %d examples.", self.history.info["device"],
-                    self.history.info["precision"], count_parameters(self.raw_model), self.max_steps, self.global_batch)
-        for callback in self.callbacks:
-            getattr(callback, "on_train_begin", lambda s: None)(state)
-        bar = _progress_bar(config, self.max_steps, state.step, self.accelerator.is_main_process)
-        self.model.train()
-        window_loss = torch.zeros((), device=self.accelerator.device)
-        window_tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
-        window_steps, window_started = 0, time.perf_counter()
-        last_checkpoint = None
-        while state.step < self.max_steps and not state.stop_requested:
-            learning_rate = self._set_learning_rate()
-            loss, tokens, skipped = self._step()
-            if not skipped:  # a skipped step trained on nothing: its NaN must not hide the window's real loss
-                window_loss += loss.detach().float()
-                window_tokens += tokens
-                window_steps += 1
-            for callback in self.callbacks:
-                getattr(callback, "on_step_end", lambda s: None)(state)
-            final = state.step >= self.max_steps or state.stop_requested
-            if config.max_time_seconds and self._elapsed() >= config.max_time_seconds and not final:
-                state.stop_requested, state.stop_reason, final = True, f"time budget of {config.max_time_seconds:g} s reached", True
-            checkpoint_due = bool(config.save_every) and state.step % config.save_every == 0 and not final
-            # A checkpoint step is also a log step: the running window is flushed into the saved state, so a
-            # resumed run logs exactly what the uninterrupted run logs.
-            if state.step % config.log_every == 0 or final or checkpoint_due:
-                mean_loss = float(window_loss) / window_steps if window_steps else math.nan
-                seen = int(window_tokens)
-                state.tokens_seen += seen
-                speed = seen / max(time.perf_counter() - window_started, 1e-9)
-                if not math.isfinite(mean_loss) and config.nonfinite == "stop":
-                    self.save_history()
-                    first = state.step - window_steps + 1
-                    where = f"at step {state.step}" if first == state.step else f"between steps {first} and {state.step}"
-                    raise TrainingError(
-                        f"The training loss became {mean_loss} {where} "
-                        f"(learning rate {learning_rate:.2e}). Likely causes: a learning rate too high for this model "
-                        "(try 10× lower), fp16 overflow (use bf16 or fp32), or corrupt data. "
-                        + (f"The best model so far is in {self.out / 'best'}. " if (self.out / "best").exists() else "")
-                        + "Set nonfinite='skip' to skip such steps instead."
-                    )
-                self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),
-                                 tokens_seen=state.tokens_seen, learning_rate=learning_rate, train_loss=mean_loss,
-                                 tokens_per_second=speed, elapsed_seconds=self._elapsed())
-                window_loss.zero_(), window_tokens.zero_()
-                window_steps, window_started = 0, time.perf_counter()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{learning_rate:.1e}", refresh=False)
-                else:
-                    logger.info("step %d/%d: loss %.4f, lr %.2e, %.0f tokens/s", state.step, self.max_steps, mean_loss,
-                                learning_rate, speed)
-            if (state.step % config.eval_every == 0 or final) and self.eval_data is not None:
-                result = self._evaluate()
-                self.last_eval = result  # kept whole (with accuracy and tokens) for TrainResult.final_eval
-                self.history.log(step=state.step, epoch=state.epoch + state.sample_offset / len(self.train_data),
-                                 tokens_seen=state.tokens_seen, learning_rate=learning_rate, eval_loss=result.loss,
-                                 eval_perplexity=result.perplexity, elapsed_seconds=self._elapsed())
-                self._after_eval(result)
-                window_started = time.perf_counter()  # evaluation time does not count against training speed
-            if state.step % config.log_every == 0 or final or checkpoint_due or state.step % config.eval_every == 0:
-                for callback in self.callbacks:
-                    getattr(callback, "on_log", lambda s, h: None)(state, self.history)
-            if checkpoint_due:
-                last_checkpoint = self.save_checkpoint()
-                self.save_history()
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        state.stop_reason = state.stop_reason or ("stopped on request" if state.stop_requested else f"reached {self.max_steps} steps")
-        if config.save_every or config.resume:
-            last_checkpoint = self.save_checkpoint()
-        return self._finish(last_checkpoint)
-
-    def unpad_vocabulary(self) -> None:
-        """Give the model back its real vocabulary size (after training, or when it fails)."""
-        if self.vocabulary is not None:
-            self.vocabulary.remove()
+        self.history.info = {**info, "resumed_from": str(folder), "resume_changes": changes}
+        logger.info("Resumed from %s (step %d of %d)%s.", folder, self.state.step, self.max_steps,
+                    f", with {'; '.join(changes)}" if changes else "")
 
     def save_history(self) -> None:
         if self.accelerator.is_main_process:
@@ -493,53 +651,46 @@ class _Loop:
             self.history.save(self.out / "history.json")
             self.history.save(self.out / "history.csv")
 
-    def _finish(self, last_checkpoint: Path | None) -> TrainResult:
-        config = self.config
+    def _final_eval(self) -> EvalResult | None:
+        if not self.history.eval_records:
+            return None
+        last = self.history.eval_records[-1]
+        if self.last_eval is not None and self.last_eval.loss == last.eval_loss:
+            return self.last_eval
+        # e.g. resumed after the last evaluation: only the history's numbers are known
+        return EvalResult(loss=last.eval_loss, perplexity=perplexity(last.eval_loss), accuracy=float("nan"), tokens=0)
+
+    def _finish(self) -> TrainResult:
         self.accelerator.wait_for_everyone()
-        self.unpad_vocabulary()
+        self.vocabulary.remove()
         model = self.accelerator.unwrap_model(self.model)
-        final_eval = None
-        if self.history.eval_records:
-            last = self.history.eval_records[-1]
-            measured = getattr(self, "last_eval", None)
-            if measured is not None and measured.loss == last.eval_loss:
-                final_eval = measured
-            else:  # e.g. resumed after the last evaluation: only the history's numbers are known
-                final_eval = EvalResult(loss=last.eval_loss, perplexity=perplexity(last.eval_loss), accuracy=float("nan"), tokens=0)
-        model_dir = best_dir = None
-        self.history.info["skipped_nonfinite_steps"] = self.state.skipped_nonfinite_steps
-        self.history.info["final_micro_batch_size"] = self.state.micro_batch_size
-        self.history.info["best_step"] = self.state.best_step
-        if self.accelerator.is_main_process:
-            if config.save_final:
-                model_dir = checkpoints.save_model_folder(self.out / "model", model, self.tokenizer)
-            if (self.out / "best").exists():
-                best_dir = self.out / "best"
-            self.save_history()
-            if config.plot:
-                from .plotting import plot_history
-                plot_history(self.history, save_to=self.out / "history.png", show=False)
-        for callback in self.callbacks:
-            getattr(callback, "on_train_end", lambda s, h: None)(self.state, self.history)
-        logger.info("Training stopped: %s. Output in %s.", self.state.stop_reason, self.out)
+        self.history.info.update(skipped_nonfinite_steps=self.state.skipped_nonfinite_steps,
+                                 final_micro_batch_size=self.state.micro_batch_size, best_step=self.state.best_step)
+        model_dir = self.save_model_folder("model") if self.config.save_final else None
+        best_dir = self.out / "best" if (self.out / "best").exists() and self.accelerator.is_main_process else None
+        self.save_history()
+        if self.config.plot and self.accelerator.is_main_process:
+            from .plotting import plot_history
+            plot_history(self.history, save_to=self.out / "history.png", show=False)
+        if self.config.report_to:
+            self.accelerator.end_training()
+        self.callbacks.fire("on_train_end", self.state, self.history)
+        log = logger.warning if self.state.stop_reason.startswith("interrupted") else logger.info
+        log("Training stopped: %s. Output in %s.", self.state.stop_reason, self.out)
         return TrainResult(model=model, history=self.history, output_dir=self.out, best_dir=best_dir, model_dir=model_dir,
-                           last_checkpoint=last_checkpoint, stop_reason=self.state.stop_reason, final_eval=final_eval)
+                           last_checkpoint=self.last_checkpoint, stop_reason=self.state.stop_reason,
+                           final_eval=self._final_eval())
 
 
-def _pad_vocabulary(model, config: TrainingConfig, device_type: str, *, custom_groups: bool) -> PaddedVocabulary | None:
-    """Pad the vocabulary when asked (or by default on CUDA) and when it is safe to: not under custom parameter
-    groups (they hold the embedding parameters that padding replaces) nor on PEFT adapters (their base is frozen)."""
-    multiple = config.pad_vocab_to_multiple_of
-    if multiple is None:
-        multiple = 64 if device_type == "cuda" else 0
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    if embeddings is None or padded_size(embeddings.num_embeddings, multiple) == embeddings.num_embeddings:
-        return None
-    if custom_groups or hasattr(model, "peft_config") or getattr(model, "get_output_embeddings", lambda: None)() is None:
-        log = logger.warning if config.pad_vocab_to_multiple_of else logger.debug
-        log("Vocabulary padding skipped: it needs the model's own parameter groups and a plain output layer.")
-        return None
-    return PaddedVocabulary(model, multiple)
+def _enable_gradient_checkpointing(model) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def _progress_bar(config: TrainingConfig, total: int, initial: int, main: bool):
@@ -569,6 +720,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainingConfig |
     config = config or TrainingConfig()
     loop = _Loop(model, tokenizer, train_data, eval_data, config, param_groups, callbacks, accelerator)
     try:
-        return loop.run()
+        with _stop_on_interrupt(loop.state):
+            return loop.run()
     finally:
-        loop.unpad_vocabulary()
+        loop.vocabulary.remove()

@@ -39,6 +39,8 @@ def padded_size(size: int, multiple: int) -> int:
 class PaddedVocabulary:
     """The vocabulary of ``model`` padded to a multiple of ``multiple`` until :meth:`remove` is called."""
 
+    active = True
+
     def __init__(self, model: torch.nn.Module, multiple: int):
         self.model = model
         self.real_size = model.get_input_embeddings().num_embeddings
@@ -67,6 +69,9 @@ class PaddedVocabulary:
     @contextlib.contextmanager
     def real_vocabulary(self) -> Iterator[None]:
         """Within the block the model shows its real vocabulary size (for saving); the same parameters are kept."""
+        if self._hook is None:  # already removed: the model has its real size
+            yield
+            return
         parameters = self._vocabulary_parameters()
         full = [parameter.data for parameter in parameters]
         padded = self.model.config.vocab_size
@@ -95,3 +100,38 @@ class PaddedVocabulary:
         self._hook.remove()
         self._hook = None
         self.model.resize_token_embeddings(self.real_size, mean_resizing=False)
+
+
+class NoPadding:
+    """The stand-in when the vocabulary is not padded: the same methods, doing nothing."""
+
+    active = False
+    size = None
+
+    @contextlib.contextmanager
+    def real_vocabulary(self) -> Iterator[None]:
+        yield
+
+    def remove(self) -> None:
+        pass
+
+
+def pad_vocabulary(model: torch.nn.Module, multiple: int | None, device_type: str, *,
+                   custom_groups: bool = False) -> PaddedVocabulary | NoPadding:
+    """Pad ``model``'s vocabulary to ``multiple`` (None: 64 on CUDA, off elsewhere; 0: off) when it is safe to:
+    not under custom parameter groups (they hold the embedding parameters that padding replaces), not on PEFT
+    adapters (their base is frozen), and only with a plain output layer.
+
+    >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
+    >>> pad_vocabulary(build_model_from_config(tiny_gpt2_config(vocab_size=500)), 64, "cpu").size
+    512
+    """
+    wanted = (64 if device_type == "cuda" else 0) if multiple is None else multiple
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is None or padded_size(embeddings.num_embeddings, wanted) == embeddings.num_embeddings:
+        return NoPadding()
+    if custom_groups or hasattr(model, "peft_config") or getattr(model, "get_output_embeddings", lambda: None)() is None:
+        (logger.warning if multiple else logger.debug)(
+            "Vocabulary padding skipped: it needs the model's own parameter groups and a plain output layer.")
+        return NoPadding()
+    return PaddedVocabulary(model, wanted)

@@ -210,7 +210,7 @@ class TrainingPanel:
         raise ConfigError("dataset must be a course dataset name or a dict {'train': [texts], 'validation': [texts]}.")
 
     def _context_length(self) -> int | None:
-        from .data import model_context_length
+        from .models import model_context_length
 
         return model_context_length(self._pretrained)
 
@@ -527,9 +527,9 @@ class TrainingPanel:
         best = history.best
         if best is not None:
             numbers.append(("best validation", f"perplexity {best.eval_perplexity:.2f} at step {best.step}"))
-        speeds = [r.tokens_per_second for r in history.records if r.tokens_per_second]
-        if speeds:
-            numbers.append(("training speed", f"{sum(speeds) / len(speeds):,.0f} tokens/s"))
+        facts = history.summary() if history.records else {}
+        if facts.get("tokens_per_second"):
+            numbers.append(("training speed", f"{facts['tokens_per_second']:,.0f} tokens/s (median)"))
         numbers.append(("saved to", str(result.model_dir or result.output_dir)))
         if sample is not None:
             numbers.append((f"sample: “{self.prompt}”", sample.strip()))

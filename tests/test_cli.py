@@ -41,7 +41,8 @@ def test_finetune_end_to_end_on_a_jsonl_file(tmp_path):
     assert len(evals) == 2 and evals[-1] < evals[0]
 
     resumed = run_cli("finetune", "--data", str(data), "--text-field", "body", "--out", str(out), "--steps", "9",
-                      "--batch-size", "4", "--block-size", "32", "--eval-every", "3", "--save-every", "3", "--resume")
+                      "--batch-size", "4", "--block-size", "32", "--eval-every", "3", "--save-every", "3", "--resume",
+                      "--allow-config-change")  # 9 steps instead of 6: a change the user must confirm
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stderr
     assert json.loads((out / "history.json").read_text())["records"][-1]["step"] == 9

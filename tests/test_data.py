@@ -312,11 +312,11 @@ def test_data_report_statistics_padding_waste_versus_packing(tokenizer):
     assert pad_report.rows_truncated == sum(n > block for n in lengths) > 0
     assert pad_report.tokens_truncated == sum(max(0, n - block) for n in lengths)
     assert "left over" in str(pack_report) and "padding" in str(pad_report)
-    assert "lengths" not in pack_report.as_dict()
+    assert "lengths" not in pack_report.to_dict()
 
 
 def test_block_size_larger_than_context_is_refused(tokenizer, tiny_model):
-    from gpt_helpers.data import model_context_length
+    from gpt_helpers.models import model_context_length
 
     assert model_context_length(tiny_model) == 64
     with pytest.raises(DataError, match="block_size 128 is larger than the model's context of 64"):

@@ -161,7 +161,8 @@ def test_gradual_unfreezing_restores_its_stage_when_a_run_resumes():
 def test_lora_merge_and_save_give_the_adapter_models_logits(tmp_path, tokenizer):
     model = gpt2()
     lora = apply_lora(model, r=4, alpha=8)
-    assert count_parameters(lora).trainable == 4 * 4 * (32 + 96)  # 4 blocks × r × (fan_in + fan_out) of c_attn
+    # 4 blocks × r × (fan_in + fan_out) of the attention's c_attn (32→96) and c_proj (32→32)
+    assert count_parameters(lora).trainable == 4 * 4 * ((32 + 96) + (32 + 32))
     with torch.no_grad():
         for name, parameter in lora.named_parameters():
             if "lora_B" in name:
@@ -180,7 +181,8 @@ def test_lora_merge_and_save_give_the_adapter_models_logits(tmp_path, tokenizer)
     gh.load_model(str(folder))  # the course's loader accepts it too
 
 
-@pytest.mark.parametrize("make, per_block", [(neox, 4 * (32 + 96)), (llama, 2 * 4 * (32 + 32))])
+# NeoX: query_key_value 32→96 and dense 32→32; Llama: q, k, v and o, each 32→32
+@pytest.mark.parametrize("make, per_block", [(neox, 4 * ((32 + 96) + (32 + 32))), (llama, 4 * 4 * (32 + 32))])
 def test_lora_on_other_architectures(make, per_block):
     model = make()
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -196,10 +198,12 @@ def test_lora_on_other_architectures(make, per_block):
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
 
 
-def test_lora_on_gpt2_attention_and_mlp_projections():
-    lora = apply_lora(gpt2(layers=2), r=2, target_modules=["c_attn", "c_proj"])
-    # c_attn 32→96, attention c_proj 32→32, MLP c_proj 128→32, in each of 2 blocks
-    assert count_parameters(lora).trainable == 2 * 2 * ((32 + 96) + (32 + 32) + (128 + 32))
+@pytest.mark.parametrize("targets", [{"target_modules": ["c_attn", "c_proj"]}, {"include_mlp": True}])
+def test_lora_on_gpt2_attention_and_mlp_projections(targets):
+    lora = apply_lora(gpt2(layers=2), r=2, **targets)
+    # c_attn 32→96, attention c_proj 32→32, MLP c_proj 128→32, in each of 2 blocks (and c_fc 32→128 with the MLP)
+    mlp_in = (32 + 128) if "include_mlp" in targets else 0
+    assert count_parameters(lora).trainable == 2 * 2 * ((32 + 96) + (32 + 32) + (128 + 32) + mlp_in)
     with pytest.raises(ConfigError, match="already has LoRA"):
         apply_lora(lora)
     with pytest.raises(ConfigError, match="base is already frozen"):
