@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import LMDataset, check_block_settings, pack_blocks
+from .data import LMDataset, check_block_settings, pack_blocks, pad_sequences
 from .errors import DataError
 
 USER_TAG = "User"
@@ -186,8 +186,8 @@ class ChatDataReport:
     conversations: int
     tokens: int
     trained_tokens: int
-    examples: int
     block_size: int
+    examples: int
     tokens_left_over: int = 0
     rows_truncated: int = 0
 
@@ -208,14 +208,92 @@ class ChatDataReport:
         return text + f"; {self.rows_truncated} conversations truncated"
 
 
-def prepare_chat_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, train_on: str = "bot",
-                         mode: str = "pack", add_eos: bool = True, max_context: int | None = None,
-                         user_tag: str = USER_TAG, bot_tag: str = BOT_TAG) -> tuple[ChatDataset, ChatDataReport]:
-    """Transcripts to fixed-length training examples whose labels follow ``train_on`` (``"bot"`` or ``"all"``).
+# ------------------------------------------------------------------------------------------------ chat templates
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (instruction-tuned models such as SmolLM2-Instruct do)."""
+    return bool(getattr(tokenizer, "chat_template", None))
 
-    ``mode="pack"`` concatenates the conversations (each closed by EOS) and cuts blocks; ``mode="pad"`` keeps one
-    conversation per example, truncated and padded to ``block_size``. Evaluate two runs on the *same* labels:
-    a perplexity over bot replies and one over every token are different numbers.
+
+def messages_from_turns(turns: Sequence[str], *, system: str | None = None) -> list[dict[str, str]]:
+    """Alternating turns (user first) as chat messages, the input of ``tokenizer.apply_chat_template``.
+
+    >>> messages_from_turns(["Hi", "Hello!"])
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]
+    """
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, str):
+            raise DataError(f"Turn {index} is {type(turn).__name__}, not a string.")
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user" if i % 2 == 0 else "assistant", "content": turn.strip()} for i, turn in enumerate(turns)]
+
+
+def _render(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    if not has_chat_template(tokenizer):
+        raise DataError("This tokenizer has no chat template: use the speaker-tag format (chat_format='tags'), or a "
+                        "chat model such as smollm2-135m-instruct.")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered by the tokenizer's chat template, and the character spans of each assistant reply
+    *with* the template's end-of-turn marker (``<|im_end|>`` for SmolLM2): what the model must learn to write.
+
+    Each span is found by rendering the conversation up to the reply with the generation prompt, then with the
+    reply: the difference is the reply. A template that does not render conversations incrementally is refused.
+    """
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        through = _render(tokenizer, messages[:index + 1], generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError("The chat template does not render a conversation turn by turn, so the assistant's "
+                            "replies cannot be located; train on every token (train_on='all').")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def tokenize_with_template(tokenizer, turns: Sequence[str], *, train_on: str = "bot",
+                           system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation in the model's own chat template, labelled on the assistant's replies only
+    (``train_on="bot"``) or on every token (``"all"``).
+
+    >>> from gpt_helpers.models import load_tokenizer
+    >>> tok = load_tokenizer()
+    >>> tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"  # a toy template
+    >>> ids, labels = tokenize_with_template(tok, ["Hi", "Hello!"])
+    >>> render_labels(tok, ids, labels)
+    '«<user>Hi</s><assistant>»Hello!</s>'
+    """
+    if train_on not in TRAIN_ON:
+        raise DataError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}.")
+    text, spans = assistant_spans(tokenizer, messages_from_turns(turns, system=system))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids = list(encoded["input_ids"])
+    if train_on == "all":
+        return ids, list(ids)
+    labels = [token if any(a <= start < b for a, b in spans) else -100
+              for token, (start, _end) in zip(ids, encoded["offset_mapping"])]
+    return ids, labels
+
+
+CHAT_FORMATS = ("tags", "template")
+
+
+def prepare_chat_dataset(tokenizer, conversations: Sequence[str] | Sequence[Sequence[str]], *, block_size: int = 128,
+                         train_on: str = "bot", mode: str = "pack", add_eos: bool = True, max_context: int | None = None,
+                         chat_format: str = "tags", system: str | None = None,
+                         user_tag: str = USER_TAG, bot_tag: str = BOT_TAG) -> tuple[ChatDataset, ChatDataReport]:
+    """Conversations to fixed-length training examples whose labels follow ``train_on`` (``"bot"`` or ``"all"``).
+
+    ``chat_format="tags"``: each conversation is a speaker-tagged transcript (``"User: …\\nBot: …"``), closed by
+    EOS. ``chat_format="template"``: each is a list of turns (user first), rendered by the tokenizer's own chat
+    template, whose end-of-turn marker ends each reply (no EOS is added). ``mode="pack"`` concatenates the
+    conversations and cuts blocks; ``mode="pad"`` keeps one conversation per example, truncated and padded to
+    ``block_size``. Evaluate two runs on the *same* labels: a perplexity over bot replies and one over every
+    token are different numbers.
 
     >>> from gpt_helpers.models import load_tokenizer
     >>> data, report = prepare_chat_dataset(load_tokenizer(), ["User: Hi\\nBot: Hello!"] * 10, block_size=8)
@@ -223,34 +301,77 @@ def prepare_chat_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 1
     torch.Size([8])
     """
     check_block_settings(mode, block_size, max_context)
-    if not texts:
+    if chat_format not in CHAT_FORMATS:
+        raise DataError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, not {chat_format!r}.")
+    if not conversations:
         raise DataError("No conversations to prepare: the list is empty.")
-    rows = [tokenize_conversation(tokenizer, text, train_on=train_on, add_eos=add_eos, user_tag=user_tag, bot_tag=bot_tag)
-            for text in texts]
+    if chat_format == "template":
+        if any(isinstance(c, str) for c in conversations):
+            raise DataError("chat_format='template' takes lists of turns (user first), e.g. the 'turns' field of "
+                            "the chat_logs dataset, not transcripts.")
+        rows = [tokenize_with_template(tokenizer, turns, train_on=train_on, system=system) for turns in conversations]
+    else:
+        rows = [tokenize_conversation(tokenizer, text, train_on=train_on, add_eos=add_eos, user_tag=user_tag,
+                                      bot_tag=bot_tag) for text in conversations]
     tokens = sum(len(ids) for ids, _ in rows)
     trained = sum(sum(label != -100 for label in labels) for _, labels in rows)
+    common = dict(train_on=train_on, mode=mode, conversations=len(conversations), tokens=tokens, trained_tokens=trained,
+                  block_size=block_size)
     if mode == "pack":
         ids, left_over = pack_blocks([ids for ids, _ in rows], block_size)
         labels, _ = pack_blocks([labels for _, labels in rows], block_size)
         if ids.shape[0] == 0:
-            raise DataError(f"The {len(texts)} conversations hold {tokens} tokens, fewer than one block of {block_size}.")
+            raise DataError(f"The {len(conversations)} conversations hold {tokens} tokens, fewer than one block of {block_size}.")
         dataset = ChatDataset(ids, None, labels)
-        report = ChatDataReport(train_on, mode, len(texts), tokens, trained, len(dataset), block_size, tokens_left_over=left_over)
-    else:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), block_size), pad, dtype=torch.long)
-        labels = torch.full((len(rows), block_size), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), block_size), dtype=torch.long)
-        truncated = 0
-        for row, (row_ids, row_labels) in enumerate(rows):
-            truncated += len(row_ids) > block_size
-            n = min(len(row_ids), block_size)
-            ids[row, :n] = torch.tensor(row_ids[:n])
-            labels[row, :n] = torch.tensor(row_labels[:n])
-            mask[row, :n] = 1
-        dataset = ChatDataset(ids, mask, labels)
-        report = ChatDataReport(train_on, mode, len(texts), tokens, trained, len(dataset), block_size, rows_truncated=truncated)
-    return dataset, report
+        return dataset, ChatDataReport(examples=len(dataset), tokens_left_over=left_over, **common)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask, truncated = pad_sequences([ids for ids, _ in rows], block_size, pad)
+    labels, _, _ = pad_sequences([labels for _, labels in rows], block_size, -100)
+    dataset = ChatDataset(ids, mask, labels)
+    return dataset, ChatDataReport(examples=len(dataset), rows_truncated=truncated, **common)
+
+
+# ------------------------------------------------------------------------------------------------ replying
+def chat_prompt(tokenizer, history: Sequence[str], message: str, *, chat_format: str = "tags",
+                system: str | None = None, max_tokens: int | None = None) -> str:
+    """The text a model continues to answer ``message`` after ``history`` (earlier turns, user first).
+
+    Template format: the tokenizer's chat template with its generation prompt; tags format: :func:`build_prompt`.
+    With ``max_tokens`` the oldest exchanges are dropped until the prompt fits.
+    """
+    if len(history) % 2:
+        raise DataError(f"history must alternate user and bot turns and end with a bot turn; it has {len(history)} turns.")
+    if chat_format == "tags":
+        return build_prompt(history, message, tokenizer=tokenizer if max_tokens else None, max_tokens=max_tokens)
+    turns = list(history)
+    while True:
+        prompt = _render(tokenizer, messages_from_turns([*turns, message], system=system), generation_prompt=True)
+        if max_tokens is None or len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]) <= max_tokens:
+            return prompt
+        if not turns:
+            raise DataError(f"The message alone is longer than {max_tokens} tokens. Shorten it.")
+        turns = turns[2:]
+
+
+def reply(model, tokenizer, history: Sequence[str], message: str, *, chat_format: str | None = None,
+          system: str | None = None, max_new_tokens: int = 60, **generate_options) -> str:
+    """The model's answer to ``message`` after ``history``, in its own chat template when it has one
+    (``chat_format=None``), else in the course's speaker tags. Generation stops at the end of the turn.
+
+    >>> from gpt_helpers.models import load_model
+    >>> model, tok = load_model()
+    >>> isinstance(reply(model, tok, [], "Hi", max_new_tokens=5), str)
+    True
+    """
+    from .evaluation import generate
+    from .models import model_context_length
+
+    chat_format = chat_format or ("template" if has_chat_template(tokenizer) else "tags")
+    context = model_context_length(model)
+    prompt = chat_prompt(tokenizer, history, message, chat_format=chat_format, system=system,
+                         max_tokens=context - max_new_tokens if context else None)
+    text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **generate_options)[0]
+    return extract_reply(text) if chat_format == "tags" else text.strip()
 
 
 def render_labels(tokenizer, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor,

