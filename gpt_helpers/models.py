@@ -275,6 +275,10 @@ def _load_adapter_folder(folder: Path, *, dtype: torch.dtype, trust_remote_code:
     except (ValueError, KeyError, TypeError):
         raise ModelLoadError(f"'{folder / 'adapter_config.json'}' is damaged or names no base model "
                              "(base_model_name_or_path). Save the adapters again with model.save_pretrained(folder).") from None
+    if not base_name:
+        raise ModelLoadError(f"The adapters in '{folder}' do not say which base model they belong to (their base was "
+                             "built from a config, not loaded by name). Load that base yourself and attach them: "
+                             "peft.PeftModel.from_pretrained(base_model, folder).")
     if not (folder / "adapter_model.safetensors").is_file():
         raise ModelLoadError(f"The adapter folder '{folder}' has no adapter_model.safetensors (pickle-based adapter "
                              "weights are refused). Save the adapters again with model.save_pretrained(folder).")

@@ -12,7 +12,10 @@ The choice and its reason go into the run's history (``history.info["precision"]
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,16 +74,47 @@ def probe_step_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], p
     return seconds[-1]
 
 
+def measured_bf16_speedup(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, repeats: int = 3) -> float:
+    """fp32 time ÷ bf16 time of a training pass of ``model`` on ``batch`` on this CPU: the median of ``repeats``
+    alternating probes, remembered in the course's cache folder (``precision.json``; delete it to measure again),
+    so every run of the same model shape on this machine makes the same choice."""
+    from .architecture import architecture
+    from .packaged import cache_dir
+
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    key = (f"{capabilities.get('cpu_name', 'cpu')} {capabilities.get('num_physical_cores', '?')} cores | torch "
+           f"{torch.__version__} | {torch.get_num_threads()} threads | {architecture(model)} | "
+           f"{tuple(batch['input_ids'].shape)}")
+    file = cache_dir() / "precision.json"
+    try:
+        known = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        ratios = [probe_step_seconds(model, batch, "fp32") / max(probe_step_seconds(model, batch, "bf16"), 1e-9)
+                  for _ in range(repeats)]
+        known[key] = round(statistics.median(ratios), 3)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = file.with_name(f".{file.name}.{os.getpid()}")
+            temporary.write_text(json.dumps(known, indent=1), encoding="utf-8")
+            os.replace(temporary, file)
+        except OSError:
+            logger.debug("Could not remember the precision probe in %s.", file)
+    return known[key]
+
+
 def choose_precision(requested: str, device_type: str, *, processes: int = 1,
-                     probe: Callable[[str], float] | None = None) -> PrecisionChoice:
+                     speedup: Callable[[], float] | None = None) -> PrecisionChoice:
     """The precision for ``requested`` (``auto``, ``fp32``, ``bf16``, ``fp16``) on ``device_type``.
 
-    ``probe(precision)`` times one training step in that precision; it decides ``auto`` on a CPU with bf16
-    instructions (skipped with several processes, which must agree without talking: they use fp32).
+    ``speedup()`` measures how many times faster a training pass runs in bf16 than in fp32 (see
+    :func:`measured_bf16_speedup`); it decides ``auto`` on a CPU with bf16 instructions (skipped with several
+    processes, which must agree without talking: they use fp32).
 
     >>> choose_precision("fp32", "cpu").precision
     'fp32'
-    >>> choose_precision("auto", "cpu", probe=lambda p: {"fp32": 2.0, "bf16": 1.0}[p]).precision in ("bf16", "fp32")
+    >>> choose_precision("auto", "cpu", speedup=lambda: 2.0).precision in ("bf16", "fp32")
     True
     """
     from .errors import ConfigError
@@ -98,11 +132,10 @@ def choose_precision(requested: str, device_type: str, *, processes: int = 1,
     instructions = cpu_bf16_instructions()
     if not instructions:
         return PrecisionChoice("fp32", "the CPU has no bf16 matrix instructions")
-    if processes > 1 or probe is None:
+    if processes > 1 or speedup is None:
         return PrecisionChoice("fp32", f"the CPU has {', '.join(instructions)}, but no probe step was run "
                                        f"({'several processes' if processes > 1 else 'no model given'})")
-    fp32, bf16 = probe("fp32"), probe("bf16")
-    speedup = fp32 / max(bf16, 1e-9)
-    verdict = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    return PrecisionChoice(verdict, f"the CPU has {', '.join(instructions)} and a probe step ran {speedup:.2f}× "
-                                    f"{'faster' if speedup >= 1 else 'as fast'} in bf16 (bf16 from {BF16_MIN_SPEEDUP}×)")
+    ratio = speedup()
+    verdict = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
+    return PrecisionChoice(verdict, f"the CPU has {', '.join(instructions)} and a training pass of this model ran "
+                                    f"{ratio:.2f}× the fp32 speed in bf16 (bf16 from {BF16_MIN_SPEEDUP}×)")

@@ -224,8 +224,8 @@ class GradualUnfreezing:
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-               target_modules: Sequence[str] | None = None, include_mlp: bool = False) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target_modules: Sequence[str] | None = None, include_mlp: bool = False, seed: int = 0) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (``peft``): the base is frozen, only the low-rank matrices train.
 
     Default targets are every attention projection of every block, found by
@@ -233,7 +233,10 @@ def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: int = 16, dropout: 
     ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``. ``include_mlp=True`` adds the MLP's projections (GPT-2
     ``c_fc``, ``mlp.c_proj``; Llama ``gate_proj``, ``up_proj``, ``down_proj``); ``target_modules`` names them
     yourself. GPT-2's ``Conv1D`` layers store weights transposed: ``fan_in_fan_out`` is set for them.
-    The adapters start as a no-op (B = 0): the wrapped model computes exactly what the base model did.
+    The adapters start as a no-op (B = 0): the wrapped model computes exactly what the base model did; A is drawn
+    from ``seed`` (not from the process's random state), so the same call gives the same adapters in every
+    process, and a resumed run can equal an uninterrupted one. ``dropout`` on the adapters' input is off by
+    default, as in PEFT (it costs memory and time; the LoRA paper used 0.05-0.1 on small data).
 
     >>> from gpt_helpers.models import build_model_from_config, tiny_gpt2_config
     >>> lora = apply_lora(build_model_from_config(tiny_gpt2_config()), r=4)
@@ -257,7 +260,9 @@ def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: int = 16, dropout: 
                           f"(this model's attention projections: {lora_target_modules(model)}).")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched))
-    lora_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lora_model = get_peft_model(model, config)
     logger.info("LoRA r=%d on %s: %s", r, ", ".join(targets), count_parameters(lora_model))
     return lora_model
 

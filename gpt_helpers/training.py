@@ -43,7 +43,7 @@ from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluation import EvalResult, evaluate, perplexity, token_losses
 from .history import History
 from .models import count_parameters
-from .precision import PrecisionChoice, choose_precision, probe_step_seconds
+from .precision import PrecisionChoice, choose_precision, measured_bf16_speedup
 from .vocab_padding import pad_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -620,9 +620,9 @@ class _Loop:
             return PrecisionChoice(precision, "the given Accelerator's")
         if self.resume_from is not None and self.config.precision == "auto" and "precision" in self.resume_from[1]:
             return PrecisionChoice(self.resume_from[1]["precision"], "the checkpoint's (chosen when the run began)")
-        sample = _batch_of(self.train_data, torch.arange(min(2, self.config.batch_size)))
+        sample = _batch_of(self.train_data, torch.arange(1))
         return choose_precision(self.config.precision, device_type, processes=self.world,
-                                probe=lambda precision: probe_step_seconds(self.raw_model, sample, precision))
+                                speedup=lambda: measured_bf16_speedup(self.raw_model, sample))
 
     def resume(self) -> None:
         self.history.info["resumed_from"] = None
