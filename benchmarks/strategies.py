@@ -1,6 +1,6 @@
 """Transfer-learning strategies, measured: which one wins on each course dataset, and how much data pre-training saves.
 
-Part 1 runs ``gpt_helpers.strategies.compare_strategies`` on each course dataset: every strategy starts from the
+Part 1 runs ``gpt_helpers.experiments.compare_strategies`` on each course dataset: every strategy starts from the
 bundled base model (``from_scratch``: the same architecture, random weights) and trains with the same data, seed,
 batch and step budget. Part 2 runs ``data_efficiency_sweep``: full fine-tuning vs from scratch on growing
 fractions of one dataset's training split. Part 3 is the memory planner's table for the GPT-2 family, to show where
@@ -25,7 +25,8 @@ from typing import Any
 import gpt_helpers as gh
 from gpt_helpers.data import COURSE_DATASETS
 from gpt_helpers.memory import family_table_markdown, gpt2_family_table
-from gpt_helpers.strategies import STRATEGIES, best_by, compare_strategies, data_efficiency_sweep
+from gpt_helpers.experiments import best_by, compare_strategies, data_efficiency_sweep
+from gpt_helpers.strategies import STRATEGIES
 
 logger = logging.getLogger("benchmarks.strategies")
 

@@ -90,7 +90,9 @@ def head_is_tied(model: torch.nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------ projections
 def _is_projection(module: torch.nn.Module) -> bool:
-    return isinstance(module, (torch.nn.Linear, Conv1D))
+    """A linear layer, or a PEFT adapter layer wrapping one (it keeps the original as ``base_layer``)."""
+    return isinstance(module, (torch.nn.Linear, Conv1D)) or isinstance(getattr(module, "base_layer", None),
+                                                                       (torch.nn.Linear, Conv1D))
 
 
 def _part_of(name: str) -> str | None:

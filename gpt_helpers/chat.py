@@ -262,7 +262,8 @@ def tokenize_with_template(tokenizer, turns: Sequence[str], *, train_on: str = "
 
     >>> from gpt_helpers.models import load_tokenizer
     >>> tok = load_tokenizer()
-    >>> tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"  # a toy template
+    >>> tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+    ...                      "{% if add_generation_prompt %}<assistant>{% endif %}")  # a toy template
     >>> ids, labels = tokenize_with_template(tok, ["Hi", "Hello!"])
     >>> render_labels(tok, ids, labels)
     '«<user>Hi</s><assistant>»Hello!</s>'

@@ -37,7 +37,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     than the logits, so the largest tensor of a small-model step (batch × seq × vocab) is never copied.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+    scores = logits.flatten(0, 1)
+    if scores.dtype not in (torch.float32, torch.float64):  # 16-bit logits: the softmax in fp32
+        scores = scores.float()
+    losses = F.cross_entropy(scores, targets.flatten(), ignore_index=-100, reduction="none")
     return losses.view_as(targets)[:, :-1], (targets != -100)[:, :-1]
 
 

@@ -78,11 +78,7 @@ PACKAGED: dict[str, PackagedModel] = {SMOLLM2_135M_INSTRUCT.name: SMOLLM2_135M_I
 
 
 def cache_dir() -> Path:
-    """The folder that holds converted models (``$GPT_HELPERS_CACHE``, else the user's cache folder).
-
-    >>> cache_dir().name in ("gpt_helpers", os.environ.get(CACHE_ENV, "") and Path(os.environ[CACHE_ENV]).name)
-    True
-    """
+    """The folder that holds converted models (``$GPT_HELPERS_CACHE``, else the user's cache folder)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

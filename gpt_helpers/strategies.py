@@ -7,8 +7,7 @@ Every strategy here works on GPT-2-family models and on other decoder-only archi
 * :class:`GradualUnfreezing` — a callback that unfreezes one more block from the top every N steps of one run;
 * :func:`apply_lora` / :func:`merge_lora` / :func:`save_merged` — low-rank adapters with ``peft``;
 * :func:`from_scratch` — the same architecture, randomly initialised: the baseline every strategy must beat;
-* :func:`compare_strategies` and :func:`data_efficiency_sweep` — run several strategies on the same data,
-  seed and budget and return a table plus the histories.
+* :func:`prepare_strategy` — any of them by name (:mod:`gpt_helpers.experiments` compares them).
 
 A model is seen as levels, bottom to top: ``embeddings`` (token and position embeddings), ``block 0`` …
 ``block L-1``, ``head`` (final norm, and the output layer when it is not tied to the token embeddings).
@@ -17,10 +16,6 @@ A model is seen as levels, bottom to top: ``embeddings`` (token and position emb
 from __future__ import annotations
 
 import logging
-import math
-import statistics
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,16 +25,14 @@ from transformers.pytorch_utils import Conv1D
 
 from . import checkpoints
 from .architecture import base_model, head_is_tied, lora_target_modules, model_levels, transformer_blocks
-from .config import TrainingConfig
 from .errors import ConfigError
 from .history import History
-from .memory import measure_peak_memory
-from .models import ParameterCount, build_model_from_config, count_parameters, load_model
+from .models import ParameterCount, build_model_from_config, count_parameters
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("full", "head_only", "frozen_body", "freeze_lower_half", "discriminative", "gradual_unfreezing",
-              "lora", "from_scratch")
+STRATEGIES = ("full", "head_only", "frozen_body", "top_quarter", "freeze_lower_half", "discriminative",
+              "gradual_unfreezing", "lora", "lora_mlp", "from_scratch")
 ULMFIT_DECAY = 2.6
 
 
@@ -289,166 +282,36 @@ def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
     return checkpoints.save_model_folder(Path(folder), plain, tokenizer)
 
 
-# ------------------------------------------------------------------------------------------ comparing
-def _setup(strategy: str, model_name: str, config: TrainingConfig, learning_rate: float, lora_rank: int,
-           unfreeze_every: int | None):
-    """A fresh model for ``strategy`` with the param groups and callbacks it trains with."""
-    model, tokenizer = load_model(model_name, random_init=strategy == "from_scratch", seed=config.seed)
+# ------------------------------------------------------------------------------------------ by name
+def prepare_strategy(strategy: str, model: torch.nn.Module, *, learning_rate: float, max_steps: int | None,
+                     weight_decay: float = 0.01, lora: dict[str, Any] | None = None,
+                     unfreeze_every: int | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]] | None, list]:
+    """Apply a strategy by its name to a freshly loaded model: ``(model, param_groups, callbacks)`` for ``train``.
+
+    ``full``; ``head_only`` (output layer and final norm); ``frozen_body`` (top block); ``top_quarter`` (the top
+    quarter of the blocks); ``freeze_lower_half``; ``discriminative`` (ULMFiT's layer-wise rates);
+    ``gradual_unfreezing`` (one more level every ``unfreeze_every`` steps, by default spread over ``max_steps``);
+    ``lora`` (adapters on the attention projections) and ``lora_mlp`` (attention and MLP), with ``lora`` options
+    for :func:`apply_lora`; ``from_scratch`` (the caller loads the model randomly initialised).
+    """
     n_blocks = len(transformer_blocks(model))
     param_groups, callbacks = None, []
     if strategy == "head_only":
         freeze(model, all_but_head=True)
     elif strategy == "frozen_body":
         freeze(model, keep_last_blocks=1)
+    elif strategy == "top_quarter":
+        freeze(model, keep_last_blocks=max(1, n_blocks // 4))
     elif strategy == "freeze_lower_half":
         freeze(model, embeddings=True, lower_blocks=n_blocks // 2)
     elif strategy == "discriminative":
-        param_groups = discriminative_param_groups(model, learning_rate, weight_decay=config.weight_decay)
+        param_groups = discriminative_param_groups(model, learning_rate, weight_decay=weight_decay)
     elif strategy == "gradual_unfreezing":
-        if unfreeze_every is None and not config.max_steps:
+        if unfreeze_every is None and not max_steps:
             raise ConfigError("gradual_unfreezing with a time budget needs unfreeze_every=<steps>.")
-        every = unfreeze_every or max(1, config.max_steps // (n_blocks + 1))
-        callbacks = [GradualUnfreezing(model, every)]
-    elif strategy == "lora":
-        model = apply_lora(model, r=lora_rank)
-    return model, tokenizer, param_groups, callbacks
-
-
-def _check_strategies(strategies: Sequence[str]) -> None:
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
-        raise ConfigError(f"Unknown strategy {unknown or '(none given)'}: choose from {', '.join(STRATEGIES)}.")
-    if len(set(strategies)) != len(strategies):
-        raise ConfigError(f"Each strategy once, please: {list(strategies)}.")
-
-
-def _probe_peak(strategy: str, model_name: str, train_data, config: TrainingConfig, learning_rate: float,
-                lora_rank: int, unfreeze_every: int | None) -> int:
-    """Peak tensor memory of loading the strategy's model and taking two training steps.
-
-    Gradual unfreezing ends with every parameter trainable, so its peak is measured in that final state (as full).
-    """
-    from .training import train
-
-    if strategy == "gradual_unfreezing":
-        strategy = "full"
-
-    with tempfile.TemporaryDirectory(prefix="gpt-helpers-probe-") as folder:
-        probe = config.replace(output_dir=folder, max_steps=2, epochs=None, max_time_seconds=None, save_best=False,
-                               save_final=False, save_every=None, resume=False, plot=False, progress=False)
-
-        def run() -> None:
-            model, tokenizer, groups, callbacks = _setup(strategy, model_name, probe, learning_rate, lora_rank, unfreeze_every)
-            train(model, tokenizer, train_data, None, probe, param_groups=groups, callbacks=callbacks)
-
-        return measure_peak_memory(run).peak_bytes
-
-
-def _row(strategy: str, model: torch.nn.Module, history: History, wall: float, peak: int | None) -> dict[str, Any]:
-    counts = count_parameters(model)
-    best = history.best
-    speeds = history.column("tokens_per_second")[1]
-    train_losses = history.column("train_loss")[1]
-    return {
-        "strategy": strategy, "trainable_parameters": counts.trainable, "total_parameters": counts.total,
-        "trainable_percent": 100 * counts.trainable_fraction,
-        "peak_memory_mb": None if peak is None else peak / 2**20, "wall_seconds": wall,
-        "tokens_per_second": statistics.median(speeds) if speeds else None,
-        "steps": history.final.step if history.final else 0,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "best_eval_loss": best.eval_loss if best else None,
-        "best_perplexity": best.eval_perplexity if best else None,
-        "best_step": best.step if best else None,
-    }
-
-
-def compare_strategies(model_name_or_path: str, strategies: Sequence[str], train_data, eval_data,
-                       config: TrainingConfig, *, learning_rates: dict[str, float] | None = None, lora_rank: int = 8,
-                       unfreeze_every: int | None = None, measure_memory: bool = True
-                       ) -> tuple[list[dict[str, Any]], dict[str, History]]:
-    """Train each strategy from the same starting model, on the same data, seed and budget; return a table and
-    the histories (``{strategy: History}``, e.g. for :func:`gpt_helpers.plot_history`).
-
-    The budget is ``config``'s: ``max_steps`` and/or ``max_time_seconds``. Every strategy uses
-    ``config.learning_rate`` unless ``learning_rates`` names another (LoRA and from-scratch often want more:
-    ``{"lora": 2e-3}``). Each run writes to ``config.output_dir/<strategy>``. Row keys: ``strategy``,
-    ``trainable_parameters`` (at the end of the run), ``total_parameters``, ``trainable_percent``, ``peak_memory_mb``
-    (tensor memory of loading the model and two training steps, measured separately so the timed run is not slowed;
-    gradual unfreezing in its final, all-trainable state),
-    ``wall_seconds``, ``tokens_per_second`` (median of the logged training speeds), ``steps``, ``final_train_loss``,
-    ``best_eval_loss``, ``best_perplexity``, ``best_step``.
-
-    >>> rows, histories = compare_strategies("tiny-gpt2-base", ["full", "lora"], train, val,
-    ...     TrainingConfig(max_steps=50, output_dir="runs/compare"))  # doctest: +SKIP
-    """
-    from .training import train
-
-    _check_strategies(strategies)
-    learning_rates = dict(learning_rates or {})
-    unknown = set(learning_rates) - set(strategies)
-    if unknown:
-        raise ConfigError(f"learning_rates names strategies that are not compared: {sorted(unknown)}.")
-    rows, histories = [], {}
-    for strategy in strategies:
-        learning_rate = learning_rates.get(strategy, config.learning_rate)
-        run_config = config.replace(output_dir=str(Path(config.output_dir) / strategy), learning_rate=learning_rate)
-        peak = (_probe_peak(strategy, model_name_or_path, train_data, run_config, learning_rate, lora_rank, unfreeze_every)
-                if measure_memory else None)
-        model, tokenizer, groups, callbacks = _setup(strategy, model_name_or_path, run_config, learning_rate, lora_rank,
-                                                     unfreeze_every)
-        logger.info("Strategy %s: %s", strategy, count_parameters(model))
-        started = time.perf_counter()
-        result = train(model, tokenizer, train_data, eval_data, run_config, param_groups=groups, callbacks=callbacks)
-        rows.append(_row(strategy, result.model, result.history, time.perf_counter() - started, peak))
-        histories[strategy] = result.history
-    return rows, histories
-
-
-def subset(dataset, fraction: float, *, seed: int = 0):
-    """The first ``fraction`` of a seeded shuffle of ``dataset`` (smaller fractions are nested in larger ones).
-
-    >>> from gpt_helpers.data import LMDataset
-    >>> len(subset(LMDataset(torch.zeros(10, 4, dtype=torch.long)), 0.3))
-    3
-    """
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"A fraction of the training set must be in (0, 1], not {fraction}.")
-    count = max(1, round(len(dataset) * fraction))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    if hasattr(dataset, "input_ids"):
-        return type(dataset)(dataset.input_ids[order], dataset.attention_mask[order])
-    return torch.utils.data.Subset(dataset, order.tolist())
-
-
-def data_efficiency_sweep(model_name_or_path: str, fractions: Sequence[float], train_data, eval_data,
-                          config: TrainingConfig, *, strategies: Sequence[str] = ("full", "from_scratch"),
-                          learning_rates: dict[str, float] | None = None
-                          ) -> tuple[list[dict[str, Any]], dict[str, History]]:
-    """How much labelled data does pre-training save? Train each strategy on growing fractions of the data.
-
-    Same budget at every fraction (small fractions repeat their data, and the best validation loss is kept).
-    Rows: ``fraction``, ``train_examples``, ``strategy`` and the columns of :func:`compare_strategies`;
-    histories are keyed ``"<fraction>/<strategy>"``. Runs write to ``config.output_dir/fraction-<f>/<strategy>``.
-
-    >>> rows, _ = data_efficiency_sweep("tiny-gpt2-base", [0.1, 1.0], train, val,
-    ...                                 TrainingConfig(max_steps=50))  # doctest: +SKIP
-    """
-    if not fractions:
-        raise ConfigError("Give at least one fraction of the training set, e.g. [0.1, 0.3, 1.0].")
-    rows, histories = [], {}
-    for fraction in sorted(fractions):
-        part = subset(train_data, fraction, seed=config.seed)
-        part_config = config.replace(output_dir=str(Path(config.output_dir) / f"fraction-{fraction:g}"))
-        part_rows, part_histories = compare_strategies(model_name_or_path, strategies, part, eval_data, part_config,
-                                                       learning_rates=learning_rates, measure_memory=False)
-        rows += [{"fraction": fraction, "train_examples": len(part), **row} for row in part_rows]
-        histories.update({f"{fraction:g}/{name}": history for name, history in part_histories.items()})
-    return rows, histories
-
-
-def best_by(rows: list[dict[str, Any]], key: str = "best_eval_loss") -> dict[str, Any]:
-    """The row with the lowest finite ``key`` (e.g. the strategy with the best validation loss)."""
-    finite = [row for row in rows if row.get(key) is not None and math.isfinite(row[key])]
-    if not finite:
-        raise ConfigError(f"No row has a finite '{key}': did every run diverge or skip evaluation?")
-    return min(finite, key=lambda row: row[key])
+        callbacks = [GradualUnfreezing(model, unfreeze_every or max(1, max_steps // (n_blocks + 1)))]
+    elif strategy in ("lora", "lora_mlp"):
+        model = apply_lora(model, include_mlp=strategy == "lora_mlp", **(lora or {}))
+    elif strategy not in ("full", "from_scratch"):
+        raise ConfigError(f"Unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)}.")
+    return model, param_groups, callbacks

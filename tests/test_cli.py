@@ -46,3 +46,33 @@ def test_finetune_end_to_end_on_a_jsonl_file(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stderr
     assert json.loads((out / "history.json").read_text())["records"][-1]["step"] == 9
+
+
+def test_a_setting_given_only_in_the_config_file_survives(tmp_path):
+    from gpt_helpers.cli import _training_config, build_parser
+
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"batch_size": 3, "learning_rate": 2e-4, "eval_every": 7, "seed": 5,
+                                       "save_every": 4, "early_stopping_patience": 2, "max_steps": 11}))
+    args = build_parser().parse_args(["finetune", "--data", "drug_reviews", "--out", str(tmp_path / "out"),
+                                      "--config", str(config_file), "--lr", "3e-4"])
+    config = _training_config(args)
+    # only --lr and --out were given: every other value is the file's, none is an argparse default
+    assert (config.batch_size, config.eval_every, config.seed, config.save_every, config.early_stopping_patience,
+            config.max_steps) == (3, 7, 5, 4, 2, 11)
+    assert config.learning_rate == 3e-4 and config.output_dir == str(tmp_path / "out")
+    steps_only = build_parser().parse_args(["finetune", "--data", "x", "--out", "o", "--config", str(config_file),
+                                            "--epochs", "2"])
+    assert (_training_config(steps_only).max_steps, _training_config(steps_only).epochs) == (None, 2.0)
+
+
+def test_every_training_setting_is_a_flag_named_after_its_field():
+    from dataclasses import fields
+
+    from gpt_helpers import TrainingConfig
+
+    help_text = run_cli("finetune", "--help").stdout
+    for spec in fields(TrainingConfig):
+        assert f"--{spec.name.replace('_', '-')}" in help_text, spec.name
+    for alias in ("--out", "--steps", "--lr", "--grad-accum", "--patience", "--lora", "--lora-r", "--lora-targets"):
+        assert alias in help_text

@@ -15,7 +15,7 @@ from gpt_helpers import TrainingConfig, build_model_from_config, train
 from gpt_helpers.diagnostics import Diagnosis, diagnose, format_diagnosis
 from gpt_helpers.history import History
 from gpt_helpers.models import tiny_gpt2_config
-from gpt_helpers.strategies import subset
+from gpt_helpers.experiments import subset
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,10 +12,11 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
 import gpt_helpers as gh
 from gpt_helpers import ConfigError, TrainingConfig, build_model_from_config, count_parameters, train
+from gpt_helpers.experiments import compare_strategies, data_efficiency_sweep, ranking_text, subset, summarize
 from gpt_helpers.models import tiny_gpt2_config
 from gpt_helpers.strategies import (
-    GradualUnfreezing, apply_lora, compare_strategies, data_efficiency_sweep, discriminative_param_groups, freeze,
-    from_scratch, head_is_tied, merge_lora, model_levels, save_merged, set_dropout, subset, transformer_blocks,
+    STRATEGIES, GradualUnfreezing, apply_lora, discriminative_param_groups, freeze, from_scratch, head_is_tied,
+    merge_lora, model_levels, save_merged, set_dropout, transformer_blocks,
 )
 
 
@@ -265,3 +267,42 @@ def test_data_efficiency_sweep_trains_pretrained_and_scratch_on_nested_fractions
     assert rows[0]["train_examples"] == round(0.1 * len(reviews[0]))
     assert set(histories) == {"0.1/full", "0.1/from_scratch", "0.5/full", "0.5/from_scratch"}
     assert all(row["peak_memory_mb"] is None and row["best_perplexity"] > 1 for row in rows)
+
+
+def test_every_strategy_runs_on_a_llama_model_built_locally(tmp_path, reviews):
+    """Grouped-query attention, gated MLP, RMSNorm, untied head: the architecture of SmolLM2, in miniature."""
+    tokenizer = gh.load_tokenizer("tiny-gpt2-base")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path / "tiny-llama"
+    build_model_from_config(config, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rows, histories = compare_strategies(str(folder), list(STRATEGIES), reviews[0], reviews[1],
+                                         quick_config(tmp_path, max_steps=4), measure_memory=False)
+    table = {row["strategy"]: row for row in rows}
+    assert list(table) == list(STRATEGIES)
+    total = table["full"]["total_parameters"]
+    assert table["lora"]["trainable_parameters"] < table["lora_mlp"]["trainable_parameters"] < total
+    assert table["frozen_body"]["trainable_parameters"] == table["top_quarter"]["trainable_parameters"] < total
+    assert table["head_only"]["trainable_parameters"] < table["freeze_lower_half"]["trainable_parameters"] < total
+    assert table["gradual_unfreezing"]["trainable_parameters"] == total  # every level thawed by the end
+    assert all(row["steps"] == 4 and math.isfinite(row["best_eval_loss"]) for row in rows)
+
+
+def test_several_seeds_give_a_mean_and_spread_and_an_honest_ranking(tmp_path, reviews):
+    rows, histories = compare_strategies("tiny-gpt2-base", ["full", "lora"], reviews[0], reviews[1],
+                                         quick_config(tmp_path, max_steps=3), seeds=[0, 1, 2], measure_memory=False,
+                                         learning_rates={"lora": 2e-3})
+    assert [(row["strategy"], row["seed"]) for row in rows] == [("full", 0), ("full", 1), ("full", 2),
+                                                                 ("lora", 0), ("lora", 1), ("lora", 2)]
+    assert set(histories) == {f"{s}/seed-{n}" for s in ("full", "lora") for n in range(3)}
+    full = [row["best_eval_loss"] for row in rows if row["strategy"] == "full"]
+    assert len(set(full)) == 3, "the seeds change the data order, so the runs differ"
+    table = summarize(rows)
+    by_name = {row["strategy"]: row for row in table}
+    assert by_name["full"]["runs"] == 3 and by_name["full"]["trainable_parameters"] == rows[0]["trainable_parameters"]
+    assert by_name["full"]["best_eval_loss_mean"] == pytest.approx(sum(full) / 3)
+    assert by_name["full"]["best_eval_loss_min"] == min(full) and by_name["full"]["best_eval_loss_std"] > 0
+    text = ranking_text(table)
+    assert text.startswith("1. ") and "3 runs" in text and ("within noise" in text or "in every run" in text)

@@ -285,3 +285,33 @@ def test_too_little_data_for_one_step_is_refused(tokenizer, tmp_path):
     with pytest.raises(DataError, match="fewer than one step's batch of 32"):
         train(make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path, batch_size=16,
                                                                               gradient_accumulation_steps=2))
+
+
+def test_tensorboard_tracking_writes_event_files_and_is_off_by_default(tokenizer, drug_reviews, tmp_path):
+    pytest.importorskip("tensorboard", reason="report_to='tensorboard' needs the tensorboard package (pip install tensorboard)")
+    data = _packed(tokenizer, drug_reviews["train"][:20])
+    plain = train(make_tiny_gpt2(tokenizer), tokenizer, data, data, quick_config(tmp_path / "plain", max_steps=2, eval_every=2))
+    assert not (plain.output_dir / "tensorboard").exists()
+    tracked = train(make_tiny_gpt2(tokenizer), tokenizer, data, data,
+                    quick_config(tmp_path / "tracked", max_steps=4, eval_every=2, report_to="tensorboard"))
+    events = list((tracked.output_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"train_loss", "eval_loss"} <= set(accumulator.Tags()["scalars"])
+    assert [event.step for event in accumulator.Scalars("train_loss")] == [1, 2, 3, 4]
+
+
+def test_epochs_count_the_examples_an_epoch_trains_on(tokenizer, drug_reviews, tmp_path):
+    """175 examples, batch 16: an epoch is 10 steps (160 examples; the last 15 are left out of each epoch), so 40
+    steps are exactly 4 epochs (and 640 examples seen, 3.66 × the data): not 3.91, as a counter that divides by all
+    175 examples reported."""
+    data = _packed(tokenizer, drug_reviews["train"])
+    data = type(data)(data.input_ids[:175])
+    result = train(make_tiny_gpt2(tokenizer), tokenizer, data, None,
+                   quick_config(tmp_path, max_steps=40, batch_size=16, log_every=10))
+    assert [round(r.epoch, 4) for r in result.history.records] == [1.0, 2.0, 3.0, 4.0]
+    summary = result.history.summary()
+    assert summary["epochs"] == 4.0 and summary["examples_seen"] == 640 and summary["train_examples"] == 175
