@@ -51,10 +51,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    lines = [f"Data preparation, block size {args.block_size}, medians of {args.repeats} runs, "
-             f"{torch.get_num_threads()} torch threads", "",
-             "| dataset | tokenizer | texts | seed texts/s | gpt_helpers texts/s | speed-up | cached texts/s | "
-             "padding (seed) | waste (packing) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Data preparation, block size {args.block_size}, medians of {args.repeats} runs, "
+        f"{torch.get_num_threads()} torch threads",
+        "",
+        "| dataset | tokenizer | texts | seed texts/s | gpt_helpers texts/s | speed-up | cached texts/s | "
+        "padding (seed) | waste (packing) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for tokenizer_name in ("tiny-gpt2-base", "gpt2-tokenizer"):
         tokenizer = gh.load_tokenizer(tokenizer_name)
         for dataset in gh.data.COURSE_DATASETS:
@@ -67,8 +71,10 @@ def main() -> None:
             seed_rate = len(texts) / statistics.median(s for s, _ in seed)
             our_rate = len(texts) / statistics.median(s for s, _ in ours)
             cached_rate = len(texts) / statistics.median(s for s, _ in cached)
-            lines.append(f"| {dataset} | {tokenizer_name} | {len(texts)} | {seed_rate:,.0f} | {our_rate:,.0f} | "
-                         f"{our_rate / seed_rate:.1f}× | {cached_rate:,.0f} | {100 * seed[0][1]:.1f}% | {100 * ours[0][1]:.2f}% |")
+            lines.append(
+                f"| {dataset} | {tokenizer_name} | {len(texts)} | {seed_rate:,.0f} | {our_rate:,.0f} | "
+                f"{our_rate / seed_rate:.1f}× | {cached_rate:,.0f} | {100 * seed[0][1]:.1f}% | {100 * ours[0][1]:.2f}% |"
+            )
     report = "\n".join(lines)
     print(report)
     out = Path(args.out)

@@ -53,9 +53,15 @@ class StepTimer:
 
 
 def build(args):
-    config = tiny_gpt2_config(vocab_size=512, n_positions=args.seq_len, n_embd=64, n_layer=2) if args.tiny else gpt2_family_config("gpt2")
+    config = (
+        tiny_gpt2_config(vocab_size=512, n_positions=args.seq_len, n_embd=64, n_layer=2)
+        if args.tiny
+        else gpt2_family_config("gpt2")
+    )
     generator = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, config.vocab_size, ((args.steps + args.warmup) * args.batch_size, args.seq_len), generator=generator)
+    blocks = torch.randint(
+        0, config.vocab_size, ((args.steps + args.warmup) * args.batch_size, args.seq_len), generator=generator
+    )
     return config, LMDataset(blocks)
 
 
@@ -68,10 +74,21 @@ def run_gpt_helpers(args, config, data) -> tuple[float, dict]:
             timer.tick()
 
     with tempfile.TemporaryDirectory() as out:
-        training = gh.TrainingConfig(output_dir=out, max_steps=args.steps + args.warmup, batch_size=args.batch_size,
-                                     learning_rate=6e-4, warmup_steps=10, eval_every=10**9, log_every=10**9,
-                                     progress=False, plot=False, save_best=False, save_final=False,
-                                     precision=args.precision, device=args.device)
+        training = gh.TrainingConfig(
+            output_dir=out,
+            max_steps=args.steps + args.warmup,
+            batch_size=args.batch_size,
+            learning_rate=6e-4,
+            warmup_steps=10,
+            eval_every=10**9,
+            log_every=10**9,
+            progress=False,
+            plot=False,
+            save_best=False,
+            save_final=False,
+            precision=args.precision,
+            device=args.device,
+        )
         result = gh.train(model, None, data, None, training, callbacks=[Tick()])
     seconds = timer.stop()
     return args.steps * args.batch_size * args.seq_len / seconds, result.history.info
@@ -90,9 +107,18 @@ def run_trainer(args, config, data) -> float:
     dataset = datasets.Dataset.from_dict({"input_ids": data.input_ids.tolist(), "labels": data.input_ids.tolist()})
     with tempfile.TemporaryDirectory() as out:
         arguments = transformers.TrainingArguments(
-            output_dir=out, max_steps=args.steps + args.warmup, per_device_train_batch_size=args.batch_size,
-            learning_rate=6e-4, bf16=args.precision == "bf16", fp16=args.precision == "fp16", report_to="none",
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu")
+            output_dir=out,
+            max_steps=args.steps + args.warmup,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=6e-4,
+            bf16=args.precision == "bf16",
+            fp16=args.precision == "fp16",
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=args.device == "cpu",
+        )
         transformers.Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[Tick()]).train()
     seconds = timer.stop()
     return args.steps * args.batch_size * args.seq_len / seconds
@@ -116,13 +142,19 @@ def main() -> None:
     ours, info = run_gpt_helpers(args, config, data)
     reference = run_trainer(args, config, data)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}; batch {args.batch_size} × "
-          f"{args.seq_len}, {args.precision}; {per_token / 1e9:.3f} GFLOP/token")
-    print(f"gpt_helpers (compile={info['compile']}, fused AdamW={info['fused_adamw']}, "
-          f"vocabulary padded to {info['padded_vocabulary'] or config.vocab_size}): {ours:,.0f} tokens/s, "
-          f"MFU {100 * ours * per_token / (args.peak_tflops * 1e12):.1f}%")
-    print(f"transformers.Trainer ({args.precision}=True):              {reference:,.0f} tokens/s, "
-          f"MFU {100 * reference * per_token / (args.peak_tflops * 1e12):.1f}%")
+    print(
+        f"{name}, torch {torch.__version__}, transformers {transformers.__version__}; batch {args.batch_size} × "
+        f"{args.seq_len}, {args.precision}; {per_token / 1e9:.3f} GFLOP/token"
+    )
+    print(
+        f"gpt_helpers (compile={info['compile']}, fused AdamW={info['fused_adamw']}, "
+        f"vocabulary padded to {info['padded_vocabulary'] or config.vocab_size}): {ours:,.0f} tokens/s, "
+        f"MFU {100 * ours * per_token / (args.peak_tflops * 1e12):.1f}%"
+    )
+    print(
+        f"transformers.Trainer ({args.precision}=True):              {reference:,.0f} tokens/s, "
+        f"MFU {100 * reference * per_token / (args.peak_tflops * 1e12):.1f}%"
+    )
     print(f"ratio: {ours / reference:.2f}×")
 
 

@@ -24,20 +24,24 @@ from typing import Any
 
 import gpt_helpers as gh
 from gpt_helpers.data import COURSE_DATASETS
-from gpt_helpers.memory import family_table_markdown, gpt2_family_table
 from gpt_helpers.experiments import best_by, compare_strategies, data_efficiency_sweep
+from gpt_helpers.memory import family_table_markdown, gpt2_family_table
 from gpt_helpers.strategies import STRATEGIES
 
 logger = logging.getLogger("benchmarks.strategies")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny-gpt2-base", help="base model: bundled name or local folder")
     parser.add_argument("--datasets", nargs="+", default=list(COURSE_DATASETS), choices=COURSE_DATASETS)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (the equal budget)")
-    parser.add_argument("--seconds", type=float, default=None, help="wall-time budget per run instead of / besides steps")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="wall-time budget per run instead of / besides steps"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of every strategy but LoRA and scratch")
@@ -60,15 +64,22 @@ def load_splits(tokenizer, dataset: str, block_size: int):
 
 def strategy_table(rows: list[dict[str, Any]]) -> str:
     scratch = next((row for row in rows if row["strategy"] == "from_scratch"), None)
-    lines = ["| strategy | trainable | % | peak memory | wall | tokens/s | best val. perplexity | at step | vs scratch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| strategy | trainable | % | peak memory | wall | tokens/s | best val. perplexity | at step | vs scratch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
-        versus = (f"{100 * (row['best_perplexity'] / scratch['best_perplexity'] - 1):+.0f}%"
-                  if scratch and row["best_perplexity"] else "")
+        versus = (
+            f"{100 * (row['best_perplexity'] / scratch['best_perplexity'] - 1):+.0f}%"
+            if scratch and row["best_perplexity"]
+            else ""
+        )
         memory = f"{row['peak_memory_mb']:.0f} MiB" if row["peak_memory_mb"] is not None else "–"
-        lines.append(f"| {row['strategy']} | {row['trainable_parameters']:,} | {row['trainable_percent']:.1f} | {memory} | "
-                     f"{row['wall_seconds']:.0f} s | {row['tokens_per_second']:,.0f} | {row['best_perplexity']:.1f} | "
-                     f"{row['best_step']} | {versus} |")
+        lines.append(
+            f"| {row['strategy']} | {row['trainable_parameters']:,} | {row['trainable_percent']:.1f} | {memory} | "
+            f"{row['wall_seconds']:.0f} s | {row['tokens_per_second']:,.0f} | {row['best_perplexity']:.1f} | "
+            f"{row['best_step']} | {versus} |"
+        )
     return "\n".join(lines)
 
 
@@ -78,21 +89,31 @@ def winners(dataset: str, rows: list[dict[str, Any]]) -> str:
     parts = [f"**{dataset}**: {best['strategy']} wins with validation perplexity {best['best_perplexity']:.1f}"]
     for other in ("full", "from_scratch"):
         if other in table and other != best["strategy"]:
-            parts.append(f"{100 * (1 - best['best_perplexity'] / table[other]['best_perplexity']):.0f}% lower than {other} "
-                         f"({table[other]['best_perplexity']:.1f})")
+            parts.append(
+                f"{100 * (1 - best['best_perplexity'] / table[other]['best_perplexity']):.0f}% lower than {other} "
+                f"({table[other]['best_perplexity']:.1f})"
+            )
     if "lora" in table and "full" in table:
-        parts.append(f"LoRA's measured peak {table['lora']['peak_memory_mb']:.0f} MiB vs full {table['full']['peak_memory_mb']:.0f} MiB")
+        parts.append(
+            f"LoRA's measured peak {table['lora']['peak_memory_mb']:.0f} MiB vs full {table['full']['peak_memory_mb']:.0f} MiB"
+        )
     return "; ".join(parts) + "."
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     strategies = sorted({r["strategy"] for r in rows})
-    lines = ["| fraction | training blocks | " + " | ".join(strategies) + " |",
-             "| ---: | ---: | " + " | ".join("---:" for _ in strategies) + " |"]
+    lines = [
+        "| fraction | training blocks | " + " | ".join(strategies) + " |",
+        "| ---: | ---: | " + " | ".join("---:" for _ in strategies) + " |",
+    ]
     for fraction in sorted({r["fraction"] for r in rows}):
         cells = {r["strategy"]: r for r in rows if r["fraction"] == fraction}
         examples = next(iter(cells.values()))["train_examples"]
-        lines.append(f"| {fraction:g} | {examples} | " + " | ".join(f"{cells[s]['best_perplexity']:.1f}" for s in strategies) + " |")
+        lines.append(
+            f"| {fraction:g} | {examples} | "
+            + " | ".join(f"{cells[s]['best_perplexity']:.1f}" for s in strategies)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -103,9 +124,16 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     axis = figure.subplots()
     for strategy in sorted({r["strategy"] for r in rows}):
         points = sorted((r["train_examples"], r["best_perplexity"]) for r in rows if r["strategy"] == strategy)
-        axis.plot(*zip(*points), marker="o", label="pre-trained base" if strategy == "full" else strategy.replace("_", " "))
-    axis.set(xscale="log", yscale="log", xlabel="training blocks", ylabel="best validation perplexity",
-             title="Data efficiency: pre-trained vs from scratch")
+        axis.plot(
+            *zip(*points), marker="o", label="pre-trained base" if strategy == "full" else strategy.replace("_", " ")
+        )
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training blocks",
+        ylabel="best validation perplexity",
+        title="Data efficiency: pre-trained vs from scratch",
+    )
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -118,43 +146,87 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = gh.load_tokenizer(args.model)
-    config = gh.TrainingConfig(output_dir=str(args.out / "runs"), max_steps=args.steps, max_time_seconds=args.seconds,
-                               batch_size=args.batch_size, learning_rate=args.lr, eval_every=args.eval_every,
-                               eval_batches=None, log_every=5, warmup_steps=max(1, args.steps // 20), seed=args.seed,
-                               save_best=False, save_final=False, plot=False, progress=False)
-    rates = {name: rate for name, rate in (("lora", args.lora_lr), ("from_scratch", args.scratch_lr)) if name in args.strategies}
+    config = gh.TrainingConfig(
+        output_dir=str(args.out / "runs"),
+        max_steps=args.steps,
+        max_time_seconds=args.seconds,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        eval_every=args.eval_every,
+        eval_batches=None,
+        log_every=5,
+        warmup_steps=max(1, args.steps // 20),
+        seed=args.seed,
+        save_best=False,
+        save_final=False,
+        plot=False,
+        progress=False,
+    )
+    rates = {
+        name: rate
+        for name, rate in (("lora", args.lora_lr), ("from_scratch", args.scratch_lr))
+        if name in args.strategies
+    }
     started = time.perf_counter()
     report = []
     results: dict[str, Any] = {"arguments": {k: str(v) for k, v in vars(args).items()}, "strategies": {}, "sweep": []}
     summary = []
     for dataset in args.datasets:
         train, validation = load_splits(tokenizer, dataset, args.block_size)
-        rows, histories = compare_strategies(args.model, args.strategies, train, validation,
-                                             config.replace(output_dir=str(args.out / "runs" / dataset)), learning_rates=rates)
-        gh.plot_history(histories, save_to=args.out / f"curves-{dataset}.png", show=False, title=f"{dataset}: strategies")
+        rows, histories = compare_strategies(
+            args.model,
+            args.strategies,
+            train,
+            validation,
+            config.replace(output_dir=str(args.out / "runs" / dataset)),
+            learning_rates=rates,
+        )
+        gh.plot_history(
+            histories, save_to=args.out / f"curves-{dataset}.png", show=False, title=f"{dataset}: strategies"
+        )
         results["strategies"][dataset] = rows
         results["device"] = next(iter(histories.values())).info["device"]
         summary.append(winners(dataset, rows))
-        report += [f"## {dataset} ({len(train)} training blocks)\n", strategy_table(rows), "",
-                   f"![validation curves](curves-{dataset}.png)\n"]
+        report += [
+            f"## {dataset} ({len(train)} training blocks)\n",
+            strategy_table(rows),
+            "",
+            f"![validation curves](curves-{dataset}.png)\n",
+        ]
     if args.sweep_dataset != "none":
         train, validation = load_splits(tokenizer, args.sweep_dataset, args.block_size)
-        sweep_rows, _ = data_efficiency_sweep(args.model, args.fractions, train, validation,
-                                              config.replace(output_dir=str(args.out / "runs" / "sweep")),
-                                              learning_rates={"from_scratch": args.scratch_lr})
+        sweep_rows, _ = data_efficiency_sweep(
+            args.model,
+            args.fractions,
+            train,
+            validation,
+            config.replace(output_dir=str(args.out / "runs" / "sweep")),
+            learning_rates={"from_scratch": args.scratch_lr},
+        )
         plot_sweep(sweep_rows, args.out / "data-efficiency.png")
         results["sweep"] = sweep_rows
-        report += [f"## Data efficiency on {args.sweep_dataset} (best validation perplexity)\n", sweep_table(sweep_rows), "",
-                   "![data efficiency](data-efficiency.png)\n"]
+        report += [
+            f"## Data efficiency on {args.sweep_dataset} (best validation perplexity)\n",
+            sweep_table(sweep_rows),
+            "",
+            "![data efficiency](data-efficiency.png)\n",
+        ]
     family = gpt2_family_table(batch_size=8, seq_len=1024, precision="bf16")
-    report += ["## Where LoRA's memory saving shows up (estimate, batch 8 × 1024 tokens, bf16, AdamW)\n",
-               family_table_markdown(family), "", "## Summary\n", *[f"- {line}" for line in summary],
-               f"\nTotal wall time {time.perf_counter() - started:.0f} s.\n"]
-    header = [f"# Transfer-learning strategies on the course datasets\n",
-              f"Base model `{args.model}`; {args.steps} steps of {args.batch_size} × {args.block_size} tokens per run"
-              f"{f' (or {args.seconds:g} s)' if args.seconds else ''}; learning rate {args.lr:g} (LoRA {args.lora_lr:g}, "
-              f"from scratch {args.scratch_lr:g}); seed {args.seed}; device {results.get('device', '?')}. Peak memory: "
-              "tensor memory of loading the model and two training steps, measured.\n"]
+    report += [
+        "## Where LoRA's memory saving shows up (estimate, batch 8 × 1024 tokens, bf16, AdamW)\n",
+        family_table_markdown(family),
+        "",
+        "## Summary\n",
+        *[f"- {line}" for line in summary],
+        f"\nTotal wall time {time.perf_counter() - started:.0f} s.\n",
+    ]
+    header = [
+        "# Transfer-learning strategies on the course datasets\n",
+        f"Base model `{args.model}`; {args.steps} steps of {args.batch_size} × {args.block_size} tokens per run"
+        f"{f' (or {args.seconds:g} s)' if args.seconds else ''}; learning rate {args.lr:g} (LoRA {args.lora_lr:g}, "
+        f"from scratch {args.scratch_lr:g}); seed {args.seed}; device {results.get('device', '?')}. Peak memory: "
+        "tensor memory of loading the model and two training steps, measured.\n",
+    ]
     (args.out / "RESULTS.md").write_text("\n".join(header + report), encoding="utf-8")
     (args.out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     logger.info("Wrote %s, %s and the plots.", args.out / "RESULTS.md", args.out / "results.json")

@@ -110,9 +110,18 @@ def run_gpt_helpers(texts, eval_data, args) -> Outcome:
                 state.stop_requested = True
 
     with tempfile.TemporaryDirectory() as out:
-        config = gh.TrainingConfig(output_dir=out, max_steps=args.max_steps, batch_size=args.batch_size,
-                                   learning_rate=args.lr, eval_every=10**9, progress=False, plot=False,
-                                   save_best=False, save_final=False, seed=args.seed)
+        config = gh.TrainingConfig(
+            output_dir=out,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            eval_every=10**9,
+            progress=False,
+            plot=False,
+            save_best=False,
+            save_final=False,
+            seed=args.seed,
+        )
         gh.train(model, tokenizer, train_data, None, config, callbacks=[Stop()])
     return _outcome("gpt_helpers", watcher, clock)
 
@@ -147,7 +156,9 @@ def _trainer_setup(texts, args, tokenizer):
     def group_texts(examples):
         concatenated = {k: sum(examples[k], []) for k in examples}
         total = (len(concatenated["input_ids"]) // args.block_size) * args.block_size
-        return {k: [v[i:i + args.block_size] for i in range(0, total, args.block_size)] for k, v in concatenated.items()}
+        return {
+            k: [v[i : i + args.block_size] for i in range(0, total, args.block_size)] for k, v in concatenated.items()
+        }
 
     return tokenized.map(group_texts, batched=True)
 
@@ -166,10 +177,23 @@ def run_trainer(texts, eval_data, args) -> Outcome:
                 control.should_training_stop = True
 
     with tempfile.TemporaryDirectory() as out:
-        options = dict(output_dir=out, max_steps=10**6, report_to="none", save_strategy="no", disable_tqdm=True,
-                       logging_strategy="no", seed=args.seed, use_cpu=True)
-        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**options), train_dataset=blocks,
-                                       data_collator=collator, callbacks=[Watch()])
+        options = dict(
+            output_dir=out,
+            max_steps=10**6,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            seed=args.seed,
+            use_cpu=True,
+        )
+        trainer = transformers.Trainer(
+            model=model,
+            args=transformers.TrainingArguments(**options),
+            train_dataset=blocks,
+            data_collator=collator,
+            callbacks=[Watch()],
+        )
         trainer.train()
     return _outcome("transformers.Trainer (guide defaults)", watcher, clock)
 
@@ -184,9 +208,19 @@ def equal_work_tokens_per_second(texts, args) -> tuple[float, float]:
     train_data, _ = gh.prepare_dataset(tokenizer, cleaned, block_size=args.block_size)
     tokens = args.equal_work_steps * args.batch_size * args.block_size
     with tempfile.TemporaryDirectory() as out:
-        config = gh.TrainingConfig(output_dir=out, max_steps=args.equal_work_steps, batch_size=args.batch_size,
-                                   learning_rate=args.lr, eval_every=10**9, progress=False, plot=False, save_best=False,
-                                   save_final=False, seed=args.seed, log_every=10**9)
+        config = gh.TrainingConfig(
+            output_dir=out,
+            max_steps=args.equal_work_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            eval_every=10**9,
+            progress=False,
+            plot=False,
+            save_best=False,
+            save_final=False,
+            seed=args.seed,
+            log_every=10**9,
+        )
         started = time.perf_counter()
         gh.train(model, tokenizer, train_data, None, config)
         helpers = tokens / (time.perf_counter() - started)
@@ -195,11 +229,21 @@ def equal_work_tokens_per_second(texts, args) -> tuple[float, float]:
     blocks = datasets_from_blocks(train_data)
     collator = transformers.DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
     with tempfile.TemporaryDirectory() as out:
-        options = dict(output_dir=out, max_steps=args.equal_work_steps, per_device_train_batch_size=args.batch_size,
-                       learning_rate=args.lr, report_to="none", save_strategy="no", disable_tqdm=True,
-                       logging_strategy="no", seed=args.seed, use_cpu=True)
-        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**options), train_dataset=blocks,
-                                       data_collator=collator)
+        options = dict(
+            output_dir=out,
+            max_steps=args.equal_work_steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            seed=args.seed,
+            use_cpu=True,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=transformers.TrainingArguments(**options), train_dataset=blocks, data_collator=collator
+        )
         started = time.perf_counter()
         trainer.train()
         reference = tokens / (time.perf_counter() - started)
@@ -210,8 +254,9 @@ def datasets_from_blocks(train_data):
     """The very blocks gpt_helpers trains on, as a ``datasets.Dataset`` for the Trainer."""
     import datasets
 
-    return datasets.Dataset.from_dict({"input_ids": train_data.input_ids.tolist(),
-                                       "attention_mask": train_data.attention_mask.tolist()})
+    return datasets.Dataset.from_dict(
+        {"input_ids": train_data.input_ids.tolist(), "attention_mask": train_data.attention_mask.tolist()}
+    )
 
 
 def _seconds(value: float | None) -> str:
@@ -221,10 +266,15 @@ def _seconds(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-gpt2-base")
-    parser.add_argument("--target-ratios", default="0.75,0.5,0.4",
-                        help="targets as fractions of the zero-shot validation perplexity [0.75,0.5,0.4]")
+    parser.add_argument(
+        "--target-ratios",
+        default="0.75,0.5,0.4",
+        help="targets as fractions of the zero-shot validation perplexity [0.75,0.5,0.4]",
+    )
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8, help="gpt_helpers' batch [8]; see RESULTS.md for the sweep")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="gpt_helpers' batch [8]; see RESULTS.md for the sweep"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="gpt_helpers' peak learning rate [1e-3]")
     parser.add_argument("--max-steps", type=int, default=400, help="schedule length for gpt_helpers")
     parser.add_argument("--equal-work-steps", type=int, default=60)
@@ -242,8 +292,10 @@ def main() -> None:
     eval_data, _ = gh.prepare_dataset(tokenizer, validation, block_size=args.block_size)
     zero_shot = gh.evaluate(model, eval_data).perplexity
     args.targets = sorted((round(zero_shot * float(r), 1) for r in args.target_ratios.split(",")), reverse=True)
-    print(f"Data: {len(texts)} raw drug reviews from {course_data_dir().name}/; zero-shot validation perplexity "
-          f"{zero_shot:.1f}; targets {args.targets}")
+    print(
+        f"Data: {len(texts)} raw drug reviews from {course_data_dir().name}/; zero-shot validation perplexity "
+        f"{zero_shot:.1f}; targets {args.targets}"
+    )
 
     runs: dict[str, list[Outcome]] = {}
     for repeat in range(args.repeats):
@@ -251,8 +303,11 @@ def main() -> None:
             outcome = runner(texts, eval_data, args)
             runs.setdefault(outcome.method, []).append(outcome)
             reached = ", ".join(f"{t}: {_seconds(v)}" for t, v in outcome.seconds_to_target.items())
-            print(f"  run {repeat + 1}: {outcome.method}: {reached} "
-                  f"(best ppl {outcome.best_perplexity:.1f}, {outcome.tokens_per_second:,.0f} tokens/s)", flush=True)
+            print(
+                f"  run {repeat + 1}: {outcome.method}: {reached} "
+                f"(best ppl {outcome.best_perplexity:.1f}, {outcome.tokens_per_second:,.0f} tokens/s)",
+                flush=True,
+            )
     equal = [equal_work_tokens_per_second(texts, args) for _ in range(args.repeats)]
 
     def median_seconds(outcomes: list[Outcome], target: float) -> float | None:
@@ -263,12 +318,15 @@ def main() -> None:
 
     ours = {t: median_seconds(runs["gpt_helpers"], t) for t in args.targets}
     header = " | ".join(f"to ppl {t} (s) | gpt_helpers faster by" for t in args.targets)
-    lines = [f"Time to validation perplexity on drug reviews (zero-shot {zero_shot:.1f}; targets = "
-             f"{args.target_ratios} × zero-shot), bundled base, CPU, torch {torch.__version__}, "
-             f"transformers {transformers.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} run(s), "
-             f"cap {args.cap:.0f} s", "",
-             f"| method | {header} | tokens/s | best ppl |",
-             "| --- | " + " | ".join("---: | ---:" for _ in args.targets) + " | ---: | ---: |"]
+    lines = [
+        f"Time to validation perplexity on drug reviews (zero-shot {zero_shot:.1f}; targets = "
+        f"{args.target_ratios} × zero-shot), bundled base, CPU, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} run(s), "
+        f"cap {args.cap:.0f} s",
+        "",
+        f"| method | {header} | tokens/s | best ppl |",
+        "| --- | " + " | ".join("---: | ---:" for _ in args.targets) + " | ---: | ---: |",
+    ]
     summary = {}
     for method, outcomes in runs.items():
         cells = []
@@ -284,21 +342,32 @@ def main() -> None:
         speed = statistics.median(o.tokens_per_second for o in outcomes)
         best = min(o.best_perplexity for o in outcomes)
         lines.append(f"| {method} | {' | '.join(cells)} | {speed:,.0f} | {best:.1f} |")
-        summary[method] = {"median_seconds": {str(t): median_seconds(outcomes, t) for t in args.targets},
-                           "tokens_per_second": speed, "best_perplexity": best, "runs": [asdict(o) for o in outcomes]}
+        summary[method] = {
+            "median_seconds": {str(t): median_seconds(outcomes, t) for t in args.targets},
+            "tokens_per_second": speed,
+            "best_perplexity": best,
+            "runs": [asdict(o) for o in outcomes],
+        }
     helpers_speed = statistics.median(e[0] for e in equal)
     trainer_speed = statistics.median(e[1] for e in equal)
-    lines += ["", f"Equal work ({args.equal_work_steps} steps × {args.batch_size} blocks × {args.block_size} tokens, lr {args.lr}): "
-              f"gpt_helpers {helpers_speed:,.0f} tokens/s, Trainer {trainer_speed:,.0f} tokens/s, "
-              f"ratio {helpers_speed / trainer_speed:.2f}× (medians of {len(equal)})"]
-    summary["equal_work"] = {"gpt_helpers_tokens_per_second": [e[0] for e in equal],
-                             "trainer_tokens_per_second": [e[1] for e in equal]}
+    lines += [
+        "",
+        f"Equal work ({args.equal_work_steps} steps × {args.batch_size} blocks × {args.block_size} tokens, lr {args.lr}): "
+        f"gpt_helpers {helpers_speed:,.0f} tokens/s, Trainer {trainer_speed:,.0f} tokens/s, "
+        f"ratio {helpers_speed / trainer_speed:.2f}× (medians of {len(equal)})",
+    ]
+    summary["equal_work"] = {
+        "gpt_helpers_tokens_per_second": [e[0] for e in equal],
+        "trainer_tokens_per_second": [e[1] for e in equal],
+    }
     report = "\n".join(lines)
     print(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "time_to_quality.md").write_text(report + "\n", encoding="utf-8")
-    (out / "time_to_quality.json").write_text(json.dumps({"args": vars(args), "zero_shot": zero_shot, **summary}, indent=1))
+    (out / "time_to_quality.json").write_text(
+        json.dumps({"args": vars(args), "zero_shot": zero_shot, **summary}, indent=1)
+    )
 
 
 if __name__ == "__main__":

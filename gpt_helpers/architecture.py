@@ -91,8 +91,9 @@ def head_is_tied(model: torch.nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------ projections
 def _is_projection(module: torch.nn.Module) -> bool:
     """A linear layer, or a PEFT adapter layer wrapping one (it keeps the original as ``base_layer``)."""
-    return isinstance(module, (torch.nn.Linear, Conv1D)) or isinstance(getattr(module, "base_layer", None),
-                                                                       (torch.nn.Linear, Conv1D))
+    return isinstance(module, (torch.nn.Linear, Conv1D)) or isinstance(
+        getattr(module, "base_layer", None), (torch.nn.Linear, Conv1D)
+    )
 
 
 def _part_of(name: str) -> str | None:
@@ -120,8 +121,10 @@ def block_projections(model: torch.nn.Module) -> dict[str, str]:
             if part:
                 found[name] = part
     if not any(part == "attention" for part in found.values()):
-        raise ConfigError(f"Found no attention projections in the blocks of {type(base_model(model)).__name__}. "
-                          "Name the modules to adapt yourself (target_modules=[...], see print(model)).")
+        raise ConfigError(
+            f"Found no attention projections in the blocks of {type(base_model(model)).__name__}. "
+            "Name the modules to adapt yourself (target_modules=[...], see print(model))."
+        )
     return found
 
 
@@ -171,12 +174,18 @@ class Architecture:
         return asdict(self)
 
     def __str__(self) -> str:
-        heads = f"{self.heads} heads" if self.kv_heads == self.heads else f"{self.heads} query / {self.kv_heads} key-value heads"
+        heads = (
+            f"{self.heads} heads"
+            if self.kv_heads == self.heads
+            else f"{self.heads} query / {self.kv_heads} key-value heads"
+        )
         context = f"context {self.context_length:,} tokens" if self.context_length else "no fixed context"
-        return (f"{self.model_type}: {self.layers} layers, width {self.hidden_size}, {heads}, "
-                f"{'gated ' if self.gated_mlp else ''}MLP {self.mlp_size:,}, {self.norm}, {self.positions} positions, "
-                f"vocabulary {self.vocab_size:,}, {context}, {'tied' if self.tied_embeddings else 'separate'} embeddings, "
-                f"{self.parameters:,} parameters")
+        return (
+            f"{self.model_type}: {self.layers} layers, width {self.hidden_size}, {heads}, "
+            f"{'gated ' if self.gated_mlp else ''}MLP {self.mlp_size:,}, {self.norm}, {self.positions} positions, "
+            f"vocabulary {self.vocab_size:,}, {context}, {'tied' if self.tied_embeddings else 'separate'} embeddings, "
+            f"{self.parameters:,} parameters"
+        )
 
 
 @functools.lru_cache(maxsize=32)
@@ -207,21 +216,37 @@ def architecture(model_or_config: Any) -> Architecture:
         config = model.config
     blocks = transformer_blocks(model)
     projections = block_projections(model)
-    gated = any(part == "mlp" and path.split(".")[-1] in ("gate_proj", "w1", "gate_up_proj") for path, part in projections.items())
+    gated = any(
+        part == "mlp" and path.split(".")[-1] in ("gate_proj", "w1", "gate_up_proj")
+        for path, part in projections.items()
+    )
     norms = [type(m).__name__ for m in blocks[0].modules() if "norm" in type(m).__name__.lower()]
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and id(m) not in in_blocks]
     rotary = any("rotary" in type(m).__name__.lower() for m in model.modules())
     heads = config.num_attention_heads
     hidden = config.hidden_size
-    mlp_size = next((getattr(config, name) for name in ("intermediate_size", "n_inner", "ffn_dim")
-                     if isinstance(getattr(config, name, None), int)), 4 * hidden)
+    mlp_size = next(
+        (
+            getattr(config, name)
+            for name in ("intermediate_size", "n_inner", "ffn_dim")
+            if isinstance(getattr(config, name, None), int)
+        ),
+        4 * hidden,
+    )
     return Architecture(
-        model_type=config.model_type, layers=len(blocks), hidden_size=hidden, heads=heads,
+        model_type=config.model_type,
+        layers=len(blocks),
+        hidden_size=hidden,
+        heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or hidden // heads, mlp_size=mlp_size, gated_mlp=gated,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        mlp_size=mlp_size,
+        gated_mlp=gated,
         norm="RMSNorm" if norms and "rms" in norms[0].lower() else "LayerNorm",
         positions="learned" if len(embeddings) > 1 else "rotary" if rotary else "no",
-        vocab_size=model.get_input_embeddings().num_embeddings, context_length=model_context_length(config),
-        tied_embeddings=head_is_tied(model), parameters=count_parameters(model).total,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+        context_length=model_context_length(config),
+        tied_embeddings=head_is_tied(model),
+        parameters=count_parameters(model).total,
     )

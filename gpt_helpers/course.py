@@ -45,23 +45,79 @@ LESSONS: list[Lesson] = [
     Lesson("00_setup.ipynb", "Set up", {"MAX_NEW_TOKENS": 10}),
     Lesson("01_choose_model.ipynb", "Choose a pre-trained model", {"EVAL_BATCHES": 2}),
     Lesson("02_prepare_data.ipynb", "Prepare your dataset", {"SPEED_TEXTS": 8}),
-    Lesson("03_training_environment.ipynb", "The training environment", {
-        "BLOCK_SIZE": 64, "MEMORY_BATCH_SIZES": [2, 4], "MEMORY_STEPS": 2, "EFFECTIVE_BATCH": 4, "MAX_STEPS": 4,
-        "CHECKPOINT_BATCH_SIZE": 4, "CHECKPOINT_STEPS": 1, "SPEED_BATCH_SIZE": 1}),
-    Lesson("04_fine_tune.ipynb", "Fine-tune", {
-        "MAX_STEPS": 8, "EVAL_EVERY": 4, "EVAL_BATCHES": 2, "BATCH_SIZE": 4, "BLOCK_SIZE": 64, "MAX_NEW_TOKENS": 8}),
-    Lesson("05_monitor_evaluate.ipynb", "Monitor and evaluate", {
-        "TRAIN_TEXTS": 30, "BLOCK_SIZE": 32, "MAX_STEPS": 12, "EVAL_EVERY": 4, "EVAL_BATCHES": 2, "PATIENCE": 2,
-        "COMPARE_LEARNING_RATES": [1e-3, 3e-3], "COMPARE_STEPS": 4}),
-    Lesson("06_troubleshoot.ipynb", "Troubleshoot", {
-        "BLOCK_SIZE": 32, "STEPS": 6, "EVAL_EVERY": 2, "EVAL_BATCHES": 1, "OVERFIT_STEPS": 8, "MORE_TEXTS": 40,
-        "FEW_STEPS": 3, "SPEED_STEPS": 3, "SPEED_BLOCK": 64}),
-    Lesson("07_transfer_strategies.ipynb", "Transfer-learning strategies", {
-        "STRATEGIES": ["full", "head_only", "lora", "from_scratch"], "STEPS": 8, "EVAL_EVERY": 4, "EVAL_BATCHES": 2,
-        "FRACTIONS": [0.05], "MEMORY_BATCH_SIZES": [1]}),
-    Lesson("08_chatbot.ipynb", "A chatbot from chat logs", {
-        "MAX_STEPS": 8, "EVAL_EVERY": 4, "WARMUP_STEPS": 2, "LOG_EVERY": 4, "MAX_NEW_TOKENS": 12, "N_EVAL_PROMPTS": 6,
-        "N_TABLE_PROMPTS": 2}),
+    Lesson(
+        "03_training_environment.ipynb",
+        "The training environment",
+        {
+            "BLOCK_SIZE": 64,
+            "MEMORY_BATCH_SIZES": [2, 4],
+            "MEMORY_STEPS": 2,
+            "EFFECTIVE_BATCH": 4,
+            "MAX_STEPS": 4,
+            "CHECKPOINT_BATCH_SIZE": 4,
+            "CHECKPOINT_STEPS": 1,
+            "SPEED_BATCH_SIZE": 1,
+        },
+    ),
+    Lesson(
+        "04_fine_tune.ipynb",
+        "Fine-tune",
+        {"MAX_STEPS": 8, "EVAL_EVERY": 4, "EVAL_BATCHES": 2, "BATCH_SIZE": 4, "BLOCK_SIZE": 64, "MAX_NEW_TOKENS": 8},
+    ),
+    Lesson(
+        "05_monitor_evaluate.ipynb",
+        "Monitor and evaluate",
+        {
+            "TRAIN_TEXTS": 30,
+            "BLOCK_SIZE": 32,
+            "MAX_STEPS": 12,
+            "EVAL_EVERY": 4,
+            "EVAL_BATCHES": 2,
+            "PATIENCE": 2,
+            "COMPARE_LEARNING_RATES": [1e-3, 3e-3],
+            "COMPARE_STEPS": 4,
+        },
+    ),
+    Lesson(
+        "06_troubleshoot.ipynb",
+        "Troubleshoot",
+        {
+            "BLOCK_SIZE": 32,
+            "STEPS": 6,
+            "EVAL_EVERY": 2,
+            "EVAL_BATCHES": 1,
+            "OVERFIT_STEPS": 8,
+            "MORE_TEXTS": 40,
+            "FEW_STEPS": 3,
+            "SPEED_STEPS": 3,
+            "SPEED_BLOCK": 64,
+        },
+    ),
+    Lesson(
+        "07_transfer_strategies.ipynb",
+        "Transfer-learning strategies",
+        {
+            "STRATEGIES": ["full", "head_only", "lora", "from_scratch"],
+            "STEPS": 8,
+            "EVAL_EVERY": 4,
+            "EVAL_BATCHES": 2,
+            "FRACTIONS": [0.05],
+            "MEMORY_BATCH_SIZES": [1],
+        },
+    ),
+    Lesson(
+        "08_chatbot.ipynb",
+        "A chatbot from chat logs",
+        {
+            "MAX_STEPS": 8,
+            "EVAL_EVERY": 4,
+            "WARMUP_STEPS": 2,
+            "LOG_EVERY": 4,
+            "MAX_NEW_TOKENS": 12,
+            "N_EVAL_PROMPTS": 6,
+            "N_TABLE_PROMPTS": 2,
+        },
+    ),
     Lesson("09_save_share.ipynb", "Save, share and use", {"MAX_STEPS": 6, "EVAL_EVERY": 3, "WARMUP_STEPS": 2}),
 ]
 
@@ -135,8 +191,15 @@ def _failed_cell(notebook) -> str:
     return "unknown cell"
 
 
-def run_lesson(lesson: Lesson, out: Path, *, ci: bool = False, write_outputs: bool = False,
-               extra_parameters: dict[str, Any] | None = None, timeout: int = 1200) -> LessonResult:
+def run_lesson(
+    lesson: Lesson,
+    out: Path,
+    *,
+    ci: bool = False,
+    write_outputs: bool = False,
+    extra_parameters: dict[str, Any] | None = None,
+    timeout: int = 1200,
+) -> LessonResult:
     """Execute one lesson with papermill into ``out``; never raises for a failing cell (see the result)."""
     import nbformat
     import papermill
@@ -154,8 +217,15 @@ def run_lesson(lesson: Lesson, out: Path, *, ci: bool = False, write_outputs: bo
     started = time.perf_counter()
     status, error = "passed", None
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters=parameters, cwd=str(NOTEBOOKS_DIR),
-                                   kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=parameters,
+            cwd=str(NOTEBOOKS_DIR),
+            kernel_name="python3",
+            progress_bar=False,
+            execution_timeout=timeout,
+        )
     except Exception as failure:  # papermill raises its own error type after writing the executed copy
         status = "failed"
         error = _failed_cell(nbformat.read(executed, as_version=4)) if executed.exists() else str(failure)[:500]
@@ -171,20 +241,33 @@ def run_lesson(lesson: Lesson, out: Path, *, ci: bool = False, write_outputs: bo
     return LessonResult(lesson.notebook, status, round(seconds, 1), numbers, figures, error)
 
 
-def run_course(*, only: list[str] | None = None, ci: bool = False, out: str | os.PathLike = "runs/course",
-               write_outputs: bool = False) -> list[LessonResult]:
+def run_course(
+    *,
+    only: list[str] | None = None,
+    ci: bool = False,
+    out: str | os.PathLike = "runs/course",
+    write_outputs: bool = False,
+) -> list[LessonResult]:
     """Execute the chosen lessons in order and write ``summary.md`` and ``summary.json`` into ``out``."""
     if write_outputs and ci:
-        raise GPTHelpersError("--write-outputs refreshes the committed notebooks with their DEFAULT parameters; drop --ci.")
+        raise GPTHelpersError(
+            "--write-outputs refreshes the committed notebooks with their DEFAULT parameters; drop --ci."
+        )
     chosen = [lesson for lesson in LESSONS if not only or lesson.number in only or lesson.notebook in only]
     if not chosen:
-        raise GPTHelpersError(f"No lesson matches {only}. Lessons: {', '.join(l.number for l in LESSONS)}.")
+        raise GPTHelpersError(f"No lesson matches {only}. Lessons: {', '.join(lesson.number for lesson in LESSONS)}.")
     out = Path(out)
     results = []
     for lesson in chosen:
         logger.info("Running lesson %s …", lesson.notebook)
         result = run_lesson(lesson, out, ci=ci, write_outputs=write_outputs)
-        logger.info("%s: %s in %.0f s%s", lesson.notebook, result.status, result.seconds, f" — {result.error}" if result.error else "")
+        logger.info(
+            "%s: %s in %.0f s%s",
+            lesson.notebook,
+            result.status,
+            result.seconds,
+            f" — {result.error}" if result.error else "",
+        )
         results.append(result)
     write_summary(results, out, ci=ci)
     return results
@@ -192,14 +275,21 @@ def run_course(*, only: list[str] | None = None, ci: bool = False, out: str | os
 
 def write_summary(results: list[LessonResult], out: Path, *, ci: bool) -> Path:
     """A markdown table and a JSON file of the run."""
-    lines = [f"# Course run ({'CI parameters' if ci else 'default parameters'})", "",
-             "| lesson | status | seconds | key numbers | figures |", "| --- | --- | ---: | --- | ---: |"]
+    lines = [
+        f"# Course run ({'CI parameters' if ci else 'default parameters'})",
+        "",
+        "| lesson | status | seconds | key numbers | figures |",
+        "| --- | --- | ---: | --- | ---: |",
+    ]
     for r in results:
         numbers = ", ".join(f"{k}={v}" for k, v in r.numbers.items()) or "—"
         status = r.status if not r.error else f"{r.status}: {r.error}"
         lines.append(f"| {r.lesson} | {status} | {r.seconds:.0f} | {numbers} | {len(r.figures)} |")
     total = sum(r.seconds for r in results)
-    lines += ["", f"Total: {total:.0f} s for {len(results)} lessons; {sum(r.status == 'passed' for r in results)} passed."]
+    lines += [
+        "",
+        f"Total: {total:.0f} s for {len(results)} lessons; {sum(r.status == 'passed' for r in results)} passed.",
+    ]
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=1), encoding="utf-8")
     return out / "summary.md"

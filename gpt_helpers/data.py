@@ -77,7 +77,9 @@ def _decode_utf16(path: Path, raw: bytes) -> str:
 
 def _check_text(value: Any, where: str, text_field: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{text_field}' is {type(value).__name__}, not a string. Store the text as a string.")
+        raise DataError(
+            f"{where}: field '{text_field}' is {type(value).__name__}, not a string. Store the text as a string."
+        )
     if len(value) > MAX_TEXT_CHARS:
         raise DataError(
             f"{where}: the text has {len(value):,} characters (limit {MAX_TEXT_CHARS:,}). Split such documents "
@@ -99,7 +101,9 @@ def _load_jsonl(path: Path, text_field: str) -> list[str]:
                 f'file must be one complete JSON object, like {{"{text_field}": "…"}}. Was the file cut short?'
             ) from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object with a '{text_field}' field, got {type(row).__name__}.")
+            raise DataError(
+                f"{path}, line {number}: expected a JSON object with a '{text_field}' field, got {type(row).__name__}."
+            )
         if text_field not in row:
             raise DataError(
                 f"{path}, line {number}: no '{text_field}' field (fields: {', '.join(map(str, row)) or 'none'}). "
@@ -113,7 +117,9 @@ def _load_json(path: Path, text_field: str) -> list[str]:
     try:
         rows = json.loads(_read_utf8(path))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}). Fix the file or save it as .jsonl.") from None
+        raise DataError(
+            f"{path}, line {error.lineno}: invalid JSON ({error.msg}). Fix the file or save it as .jsonl."
+        ) from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects (or of strings) at the top level.")
     texts = []
@@ -154,7 +160,9 @@ def _load_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
                 )
             texts.append(_check_text(row[column], f"{path}, line {reader.line_num}", text_field))
     except csv.Error as error:
-        raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({error}). Check the quoting on that line.") from None
+        raise DataError(
+            f"{path}, line {reader.line_num}: malformed CSV ({error}). Check the quoting on that line."
+        ) from None
     return texts
 
 
@@ -279,11 +287,15 @@ class CleaningReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.rows_in:,} rows in: {self.rows_kept:,} kept, {self.rows_empty:,} empty and "
-                f"{self.rows_duplicate:,} exact duplicates removed")
+        return (
+            f"{self.rows_in:,} rows in: {self.rows_kept:,} kept, {self.rows_empty:,} empty and "
+            f"{self.rows_duplicate:,} exact duplicates removed"
+        )
 
 
-def clean_texts(texts: Iterable[str], *, deduplicate: bool = True, keep_layout: bool = False) -> tuple[list[str], CleaningReport]:
+def clean_texts(
+    texts: Iterable[str], *, deduplicate: bool = True, keep_layout: bool = False
+) -> tuple[list[str], CleaningReport]:
     """Clean each text, drop empty ones and exact duplicates (first occurrence kept); count each removal.
 
     ``keep_layout=True`` preserves indentation and spacing (see :func:`clean_text`); use it for code.
@@ -310,14 +322,18 @@ def clean_texts(texts: Iterable[str], *, deduplicate: bool = True, keep_layout: 
     return kept, report
 
 
-def split_texts(texts: Sequence[str], *, validation: float = 0.1, test: float = 0.0, seed: int = 0) -> dict[str, list[str]]:
+def split_texts(
+    texts: Sequence[str], *, validation: float = 0.1, test: float = 0.0, seed: int = 0
+) -> dict[str, list[str]]:
     """Shuffle with ``seed`` and cut into train / validation (/ test). Same seed, same split, on any machine.
 
     >>> sorted(split_texts([str(i) for i in range(10)], validation=0.2))
     ['train', 'validation']
     """
     if not 0 <= validation < 1 or not 0 <= test < 1 or validation + test >= 1:
-        raise DataError(f"validation ({validation}) and test ({test}) must be fractions in [0, 1) that add up to less than 1.")
+        raise DataError(
+            f"validation ({validation}) and test ({test}) must be fractions in [0, 1) that add up to less than 1."
+        )
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     n_val, n_test = round(len(texts) * validation), round(len(texts) * test)
@@ -326,15 +342,21 @@ def split_texts(texts: Sequence[str], *, validation: float = 0.1, test: float = 
             f"{len(texts)} texts are too few to split off validation={validation}, test={test} (that rounds to 0 texts). "
             "Add data, raise the fraction, or pass separate validation texts (--eval-data on the command line)."
         )
-    splits = {"train": [texts[i] for i in order[n_val + n_test:]], "validation": [texts[i] for i in order[:n_val]]}
+    splits = {"train": [texts[i] for i in order[n_val + n_test :]], "validation": [texts[i] for i in order[:n_val]]}
     if test:
-        splits["test"] = [texts[i] for i in order[n_val:n_val + n_test]]
+        splits["test"] = [texts[i] for i in order[n_val : n_val + n_test]]
     return splits
 
 
 # ----------------------------------------------------------------------------------------------- tokenizing
-def tokenize_texts(tokenizer, texts: Sequence[str], *, add_eos: bool = True, batch_size: int = 1000,
-                   cache_dir: str | os.PathLike | None = None) -> list[list[int]]:
+def tokenize_texts(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    add_eos: bool = True,
+    batch_size: int = 1000,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[list[int]]:
     """Tokenize in batches with the (fast) tokenizer; append EOS so the model learns where a text ends.
 
     With ``cache_dir`` the result is stored under a hash of the tokenizer and the texts and reused next time.
@@ -354,7 +376,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str], *, add_eos: bool = True, bat
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     ids: list[list[int]] = []
     for start in range(0, len(texts), batch_size):
-        batch = list(texts[start:start + batch_size])
+        batch = list(texts[start : start + batch_size])
         encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         ids.extend(row + eos for row in encoded)
     if cache_file is not None:
@@ -392,7 +414,9 @@ def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int) -> tuple[
     return flat[: n_blocks * block_size].view(n_blocks, block_size), int(flat.numel() - n_blocks * block_size)
 
 
-def pad_sequences(token_lists: Sequence[Sequence[int]], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pad_sequences(
+    token_lists: Sequence[Sequence[int]], max_length: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Right-pad (and truncate) to ``max_length``; return ids, attention mask and the number of truncated texts.
 
     >>> ids, mask, cut = pad_sequences([[5, 6, 7], [8]], 2, pad_id=0)
@@ -428,7 +452,9 @@ class LMDataset(torch.utils.data.Dataset):
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
-            raise DataError("No training examples: the texts are too short for one block. Add data or lower block_size.")
+            raise DataError(
+                "No training examples: the texts are too short for one block. Add data or lower block_size."
+            )
         self.input_ids = input_ids
         self.attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         self.labels = labels_from_attention_mask(self.input_ids, self.attention_mask)
@@ -437,7 +463,11 @@ class LMDataset(torch.utils.data.Dataset):
         return self.input_ids.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "labels": self.labels[index]}
+        return {
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "labels": self.labels[index],
+        }
 
     @property
     def block_size(self) -> int:
@@ -476,14 +506,20 @@ class DataReport:
         return data
 
     def __str__(self) -> str:
-        text = (f"{self.rows:,} texts, {self.tokens:,} tokens (median {self.length_median:.0f}, p95 {self.length_p95:.0f}, "
-                f"max {self.length_max}) -> {self.examples:,} {'packed' if self.mode == 'pack' else 'padded'} examples of {self.block_size} tokens")
+        text = (
+            f"{self.rows:,} texts, {self.tokens:,} tokens (median {self.length_median:.0f}, p95 {self.length_p95:.0f}, "
+            f"max {self.length_max}) -> {self.examples:,} {'packed' if self.mode == 'pack' else 'padded'} examples of {self.block_size} tokens"
+        )
         if self.mode == "pack":
-            text += (f"; {self.tokens_left_over} tokens left over ({100 * self.tokens_left_over / max(self.tokens, 1):.2f}%); "
-                     f"padding would have wasted {100 * self.padding_fraction_if_padded:.1f}% of computed tokens")
+            text += (
+                f"; {self.tokens_left_over} tokens left over ({100 * self.tokens_left_over / max(self.tokens, 1):.2f}%); "
+                f"padding would have wasted {100 * self.padding_fraction_if_padded:.1f}% of computed tokens"
+            )
         else:
-            text += (f"; {100 * self.padding_fraction:.1f}% of computed tokens are padding; "
-                     f"{self.rows_truncated} texts truncated ({self.tokens_truncated:,} tokens)")
+            text += (
+                f"; {100 * self.padding_fraction:.1f}% of computed tokens are padding; "
+                f"{self.rows_truncated} texts truncated ({self.tokens_truncated:,} tokens)"
+            )
         return text
 
 
@@ -508,9 +544,16 @@ def check_block_settings(mode: str, block_size: int, max_context: int | None) ->
         )
 
 
-def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, mode: str = "pack",
-                    max_context: int | None = None, add_eos: bool = True,
-                    cache_dir: str | os.PathLike | None = None) -> tuple[LMDataset, DataReport]:
+def prepare_dataset(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    block_size: int = 128,
+    mode: str = "pack",
+    max_context: int | None = None,
+    add_eos: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[LMDataset, DataReport]:
     """Tokenize texts and turn them into fixed-length training examples, with a statistics report.
 
     ``mode="pack"`` (default) concatenates texts, separated by EOS, into blocks; ``mode="pad"`` keeps one
@@ -529,9 +572,15 @@ def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, m
     lengths = [len(row) for row in token_lists]
     total = sum(lengths)
     common = dict(
-        rows=len(texts), tokens=total, block_size=block_size, length_min=min(lengths),
-        length_median=statistics.median(lengths), length_p95=float(np.percentile(lengths, 95)), length_max=max(lengths),
-        padding_fraction_if_padded=_padding_waste(lengths, block_size), lengths=lengths,
+        rows=len(texts),
+        tokens=total,
+        block_size=block_size,
+        length_min=min(lengths),
+        length_median=statistics.median(lengths),
+        length_p95=float(np.percentile(lengths, 95)),
+        length_max=max(lengths),
+        padding_fraction_if_padded=_padding_waste(lengths, block_size),
+        lengths=lengths,
     )
     if mode == "pack":
         blocks, left_over = pack_blocks(token_lists, block_size)
@@ -548,9 +597,12 @@ def prepare_dataset(tokenizer, texts: Sequence[str], *, block_size: int = 128, m
         ids, mask, truncated = pad_sequences(token_lists, block_size, pad_id)
         dataset = LMDataset(ids, mask)
         report = DataReport(
-            mode="pad", examples=len(dataset), rows_truncated=truncated,
+            mode="pad",
+            examples=len(dataset),
+            rows_truncated=truncated,
             tokens_truncated=sum(max(0, n - block_size) for n in lengths),
-            padding_fraction=1 - dataset.num_tokens / ids.numel(), **common,
+            padding_fraction=1 - dataset.num_tokens / ids.numel(),
+            **common,
         )
     logger.info("Prepared data: %s", report)
     return dataset, report

@@ -65,7 +65,7 @@ def running_median(values: Sequence[float], window: int) -> list[float]:
     [5.0, 2, 3, 3, 3.5]
     """
     half = window // 2
-    return [statistics.median(values[max(0, i - half):i + half + 1]) for i in range(len(values))]
+    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
 
 
 def _smooth(values: Sequence[float]) -> list[float]:
@@ -88,30 +88,46 @@ def _setting(history: History, name: str, default: Any) -> Any:
 # ------------------------------------------------------------------------------------------ the checks
 def _divergence(history: History, vocab_size: int | None) -> Diagnosis | None:
     lr = _setting(history, "learning_rate", 5e-4)
-    advice = (f"Lower the learning rate about 10× (learning_rate={lr / 10:.1e} instead of {lr:.1e}), keep gradient "
-              f"clipping on (max_grad_norm=1.0), warm up over ~5% of the steps (warmup_steps="
-              f"{max(10, int(0.05 * _setting(history, 'max_steps', 200)))}); with fp16 switch to bf16 or fp32.")
-    bad = [r.step for r in history.records
-           if any(v is not None and not math.isfinite(v) for v in (r.train_loss, r.eval_loss))]
+    advice = (
+        f"Lower the learning rate about 10× (learning_rate={lr / 10:.1e} instead of {lr:.1e}), keep gradient "
+        f"clipping on (max_grad_norm=1.0), warm up over ~5% of the steps (warmup_steps="
+        f"{max(10, int(0.05 * _setting(history, 'max_steps', 200)))}); with fp16 switch to bf16 or fp32."
+    )
+    bad = [
+        r.step
+        for r in history.records
+        if any(v is not None and not math.isfinite(v) for v in (r.train_loss, r.eval_loss))
+    ]
     skipped = history.info.get("skipped_nonfinite_steps") or 0
     if bad or skipped:
-        evidence = (f"the loss became NaN/inf at step {bad[0]}" if bad else "no logged loss is NaN") + \
-                   (f"; {skipped} optimizer steps were skipped because their loss was not finite" if skipped else "")
+        evidence = (f"the loss became NaN/inf at step {bad[0]}" if bad else "no logged loss is NaN") + (
+            f"; {skipped} optimizer steps were skipped because their loss was not finite" if skipped else ""
+        )
         return Diagnosis("divergence", "error", bad[0] if bad else None, evidence, advice)
     steps, losses = _series(history, "train_loss")
     bound = math.log(vocab_size) + 1 if vocab_size else math.inf
     above = [i for i, loss in enumerate(losses) if loss > bound]
     if above:
-        return Diagnosis("divergence", "error", steps[above[0]],
-                         f"the training loss reached {losses[above[0]]:.2f} at step {steps[above[0]]}, worse than guessing "
-                         f"uniformly among {vocab_size:,} tokens (ln {vocab_size:,} = {math.log(vocab_size):.2f})", advice)
+        return Diagnosis(
+            "divergence",
+            "error",
+            steps[above[0]],
+            f"the training loss reached {losses[above[0]]:.2f} at step {steps[above[0]]}, worse than guessing "
+            f"uniformly among {vocab_size:,} tokens (ln {vocab_size:,} = {math.log(vocab_size):.2f})",
+            advice,
+        )
     lowest = losses[0] if losses else math.inf  # the best level so far, as a running median of 3
     for i in range(1, len(losses)):
-        after = statistics.median(losses[i:i + 3])  # the level it jumped to, and stayed at
+        after = statistics.median(losses[i : i + 3])  # the level it jumped to, and stayed at
         if after - lowest > max(0.5, 0.2 * lowest):
-            return Diagnosis("divergence", "error", steps[i],
-                             f"the training loss jumped from {lowest:.2f} to {after:.2f} at step {steps[i]} and stayed there", advice)
-        lowest = min(lowest, statistics.median(losses[max(0, i - 2):i + 1]))
+            return Diagnosis(
+                "divergence",
+                "error",
+                steps[i],
+                f"the training loss jumped from {lowest:.2f} to {after:.2f} at step {steps[i]} and stayed there",
+                advice,
+            )
+        lowest = min(lowest, statistics.median(losses[max(0, i - 2) : i + 1]))
     return None
 
 
@@ -134,12 +150,16 @@ def _overfitting(history: History) -> Diagnosis | None:
         return None  # validation rose but training did not improve either: not overfitting
     config = history.info.get("config", {})
     wd, lr = config.get("weight_decay", 0.01), config.get("learning_rate", 5e-4)
-    evidence = (f"validation loss was lowest at step {best.step} ({best.eval_loss:.3f}) and rose to {last.eval_loss:.3f} "
-                f"by step {last.step}, while training loss fell from {at_best:.3f} to {smooth[-1]:.3f}")
-    advice = (f"Keep the model from step {best.step} (the 'best' folder) and stop there: early_stopping_patience=2 or "
-              f"max_steps≈{best.step}. Then regularise: more training data, weight_decay={max(0.1, 10 * wd):g} "
-              f"(now {wd:g}), dropout 0.1 (strategies.set_dropout), learning_rate={lr / 3:.1e} (now {lr:.1e}), or train "
-              "fewer parameters (freeze the lower blocks, or LoRA).")
+    evidence = (
+        f"validation loss was lowest at step {best.step} ({best.eval_loss:.3f}) and rose to {last.eval_loss:.3f} "
+        f"by step {last.step}, while training loss fell from {at_best:.3f} to {smooth[-1]:.3f}"
+    )
+    advice = (
+        f"Keep the model from step {best.step} (the 'best' folder) and stop there: early_stopping_patience=2 or "
+        f"max_steps≈{best.step}. Then regularise: more training data, weight_decay={max(0.1, 10 * wd):g} "
+        f"(now {wd:g}), dropout 0.1 (strategies.set_dropout), learning_rate={lr / 3:.1e} (now {lr:.1e}), or train "
+        "fewer parameters (freeze the lower blocks, or LoRA)."
+    )
     severity = "warning" if rise < 0.1 * best.eval_loss else "error"
     return Diagnosis("overfitting", severity, best.step, evidence, advice)
 
@@ -161,15 +181,22 @@ def _underfitting(history: History) -> Diagnosis | None:
     lr = _setting(history, "learning_rate", 5e-4)
     trainable = history.info.get("trainable_parameters")
     total = history.info.get("parameters")
-    share = f" Only {100 * trainable / total:.1f}% of the parameters train: unfreeze more blocks or use a larger LoRA rank." \
-        if trainable and total and trainable < 0.2 * total else ""
-    evidence = (f"over {steps[-1]} steps the training loss went from {losses[0]:.3f} to {losses[-1]:.3f} "
-                f"({100 * train_gain:+.1f}%)" + (f", validation from {eval_losses[0]:.3f} to {eval_losses[-1]:.3f}"
-                                                  if eval_losses else ""))
-    advice = (f"The model is hardly learning. Raise the learning rate 10× (learning_rate={min(lr * 10, 0.5):.1e} instead of "
-              f"{lr:.1e}); fine-tuning usually works between 1e-5 and 1e-3, from scratch up to 3e-3. Train longer "
-              f"(max_steps={2 * steps[-1]}), check that warmup_steps ({_setting(history, 'warmup_steps', 0)}) is a small "
-              f"part of the run.{share}")
+    share = (
+        f" Only {100 * trainable / total:.1f}% of the parameters train: unfreeze more blocks or use a larger LoRA rank."
+        if trainable and total and trainable < 0.2 * total
+        else ""
+    )
+    evidence = (
+        f"over {steps[-1]} steps the training loss went from {losses[0]:.3f} to {losses[-1]:.3f} "
+        f"({100 * train_gain:+.1f}%)"
+        + (f", validation from {eval_losses[0]:.3f} to {eval_losses[-1]:.3f}" if eval_losses else "")
+    )
+    advice = (
+        f"The model is hardly learning. Raise the learning rate 10× (learning_rate={min(lr * 10, 0.5):.1e} instead of "
+        f"{lr:.1e}); fine-tuning usually works between 1e-5 and 1e-3, from scratch up to 3e-3. Train longer "
+        f"(max_steps={2 * steps[-1]}), check that warmup_steps ({_setting(history, 'warmup_steps', 0)}) is a small "
+        f"part of the run.{share}"
+    )
     return Diagnosis("underfitting", "warning", steps[0], evidence, advice)
 
 
@@ -187,18 +214,24 @@ def _plateau(history: History) -> Diagnosis | None:
     since = next(s for s, v in zip(steps, smooth) if v - final < max(MIN_CHANGE, 0.1 * (smooth[0] - final)))
     _, rates = _series(history, "learning_rate")
     annealed = rates and rates[-1] < 0.3 * max(rates)
-    evidence = (f"the training loss fell {smooth[0] - smooth[cut]:.2f} in the first {steps[cut]} steps, then changed by "
-                f"{final - smooth[cut]:+.2f} in the last {steps[-1] - steps[cut]} (now {final:.3f}); it has been within "
-                f"{max(MIN_CHANGE, 0.1 * (smooth[0] - final)):.2f} of that since step {since}")
+    evidence = (
+        f"the training loss fell {smooth[0] - smooth[cut]:.2f} in the first {steps[cut]} steps, then changed by "
+        f"{final - smooth[cut]:+.2f} in the last {steps[-1] - steps[cut]} (now {final:.3f}); it has been within "
+        f"{max(MIN_CHANGE, 0.1 * (smooth[0] - final)):.2f} of that since step {since}"
+    )
     if annealed:
-        advice = (f"The schedule has already lowered the learning rate, so this is as far as this setup goes: stop near "
-                  f"step {since} to save {100 * (1 - since / steps[-1]):.0f}% of the time, or give the model more to work "
-                  "with: more data, more trainable parameters (unfreeze blocks, larger LoRA rank), a larger model.")
+        advice = (
+            f"The schedule has already lowered the learning rate, so this is as far as this setup goes: stop near "
+            f"step {since} to save {100 * (1 - since / steps[-1]):.0f}% of the time, or give the model more to work "
+            "with: more data, more trainable parameters (unfreeze blocks, larger LoRA rank), a larger model."
+        )
     else:
         lr = _setting(history, "learning_rate", 5e-4)
-        advice = (f"The learning rate is still high at the end ({rates[-1] if rates else lr:.1e}): decay it "
-                  f"(lr_schedule='cosine', min_lr_ratio=0.1) or lower it 3× (learning_rate={lr / 3:.1e}) to settle lower; "
-                  "beyond that, more data or more trainable parameters.")
+        advice = (
+            f"The learning rate is still high at the end ({rates[-1] if rates else lr:.1e}): decay it "
+            f"(lr_schedule='cosine', min_lr_ratio=0.1) or lower it 3× (learning_rate={lr / 3:.1e}) to settle lower; "
+            "beyond that, more data or more trainable parameters."
+        )
     return Diagnosis("plateau", "info", since, evidence, advice)
 
 
@@ -211,11 +244,15 @@ def _noisy(history: History) -> Diagnosis | None:
     batch = _setting(history, "batch_size", 16)
     accumulation = _setting(history, "gradient_accumulation_steps", 1)
     lr = _setting(history, "learning_rate", 5e-4)
-    evidence = (f"the training loss swings by ±{noise:.2f} around its trend (median level {level:.2f}) with "
-                f"{batch * accumulation} examples per step")
-    advice = (f"Average over more examples per step: gradient_accumulation_steps={4 * accumulation} (or batch_size={4 * batch} "
-              f"if memory allows), and/or lower the learning rate (learning_rate={lr / 2:.1e}). Judge progress by the "
-              "validation loss, which is averaged over many batches.")
+    evidence = (
+        f"the training loss swings by ±{noise:.2f} around its trend (median level {level:.2f}) with "
+        f"{batch * accumulation} examples per step"
+    )
+    advice = (
+        f"Average over more examples per step: gradient_accumulation_steps={4 * accumulation} (or batch_size={4 * batch} "
+        f"if memory allows), and/or lower the learning rate (learning_rate={lr / 2:.1e}). Judge progress by the "
+        "validation loss, which is averaged over many batches."
+    )
     return Diagnosis("noisy loss", "info", None, evidence, advice)
 
 
@@ -233,8 +270,15 @@ def diagnose(history: History, *, vocab_size: int | None = None) -> list[Diagnos
     ['healthy']
     """
     if not history.records:
-        return [Diagnosis("no data", "warning", None, "the history has no logged steps",
-                          "Train for at least a few log intervals (log_every) before diagnosing.")]
+        return [
+            Diagnosis(
+                "no data",
+                "warning",
+                None,
+                "the history has no logged steps",
+                "Train for at least a few log intervals (log_every) before diagnosing.",
+            )
+        ]
     divergence = _divergence(history, vocab_size)
     if divergence:
         return [divergence]
@@ -247,11 +291,17 @@ def diagnose(history: History, *, vocab_size: int | None = None) -> list[Diagnos
         return findings
     steps, losses = _series(history, "train_loss")
     best = history.best
-    evidence = (f"training loss {losses[0]:.3f} → {losses[-1]:.3f} over {steps[-1]} steps" if losses else "no training loss logged") + \
-               (f"; best validation loss {best.eval_loss:.3f} at step {best.step}" if best else "")
+    evidence = (
+        f"training loss {losses[0]:.3f} → {losses[-1]:.3f} over {steps[-1]} steps"
+        if losses
+        else "no training loss logged"
+    ) + (f"; best validation loss {best.eval_loss:.3f} at step {best.step}" if best else "")
     still = losses and best and best.step == history.eval_records[-1].step
-    advice = ("Still improving at the end: more steps would likely lower the loss further." if still
-              else "Nothing to fix: keep this setup.")
+    advice = (
+        "Still improving at the end: more steps would likely lower the loss further."
+        if still
+        else "Nothing to fix: keep this setup."
+    )
     return [Diagnosis("healthy", "info", None, evidence, advice)]
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .models import model_context_length
 from .errors import ConfigError, GPTHelpersError
+from .models import model_context_length
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ def perplexity(mean_loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, batch_size: int = 16, max_batches: int | None = None, device: str | torch.device | None = None) -> EvalResult:
+def evaluate(
+    model, dataset, *, batch_size: int = 16, max_batches: int | None = None, device: str | torch.device | None = None
+) -> EvalResult:
     """Token-weighted loss, perplexity and next-token accuracy of ``model`` on ``dataset``.
 
     ``dataset`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels`` (an :class:`~gpt_helpers.data.LMDataset`).
@@ -106,13 +108,22 @@ class BitsPerByte:
         return self.bytes / self.tokens if self.tokens else math.nan
 
     def __str__(self) -> str:
-        return (f"{self.bits_per_byte:.3f} bits per byte over {self.bytes:,} bytes ({self.tokens:,} tokens, "
-                f"{self.bytes_per_token:.2f} bytes per token)")
+        return (
+            f"{self.bits_per_byte:.3f} bits per byte over {self.bytes:,} bytes ({self.tokens:,} tokens, "
+            f"{self.bytes_per_token:.2f} bytes per token)"
+        )
 
 
 @torch.no_grad()
-def bits_per_byte(model, tokenizer, texts: Sequence[str], *, window: int = 256, batch_size: int = 8,
-                  device: str | torch.device | None = None) -> BitsPerByte:
+def bits_per_byte(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    window: int = 256,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> BitsPerByte:
     """Bits per UTF-8 byte of ``texts``: the model's total surprise (in bits) over every token of every text,
     divided by the texts' bytes. Perplexity per token cannot be compared across tokenizers (a token of a
     49k-entry vocabulary covers more text than one of an 8k vocabulary); bits per byte can.
@@ -139,14 +150,14 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, window: int = 256, 
     for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
         ids = [tokenizer.eos_token_id, *ids]
         tokens += len(ids) - 1
-        windows += [ids[start:start + window] for start in range(0, max(len(ids) - 1, 1), window - 1)]
+        windows += [ids[start : start + window] for start in range(0, max(len(ids) - 1, 1), window - 1)]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     nats = torch.zeros((), dtype=torch.float64)
     windows.sort(key=len)  # similar lengths together: little padding
     for start in range(0, len(windows), batch_size):
-        part = windows[start:start + batch_size]
+        part = windows[start : start + batch_size]
         ids, mask, _ = pad_sequences(part, max(len(w) for w in part), tokenizer.pad_token_id or 0)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -158,9 +169,19 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, window: int = 256, 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: int = 40, temperature: float = 0.8,
-             top_k: int | None = 50, top_p: float | None = 0.95, do_sample: bool = True,
-             repetition_penalty: float = 1.0, seed: int | None = 0) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[str],
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    do_sample: bool = True,
+    repetition_penalty: float = 1.0,
+    seed: int | None = 0,
+) -> list[str]:
     """Continue one prompt or several; returns the generated continuations (prompt not included).
 
     ``do_sample=False`` gives greedy decoding; ``seed`` makes sampling repeatable. An empty prompt starts a
@@ -185,8 +206,12 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
     _check_generation_length(model, encoded["input_ids"].shape[1], max_new_tokens)
     was_training = model.training
     model.eval()
-    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                   repetition_penalty=repetition_penalty)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=repetition_penalty,
+    )
     if do_sample:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
     else:
@@ -196,7 +221,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
             torch.manual_seed(seed)
         output = model.generate(**encoded, **options)
     model.train(was_training)
-    new_tokens = output[:, encoded["input_ids"].shape[1]:]
+    new_tokens = output[:, encoded["input_ids"].shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
 
 

@@ -39,19 +39,32 @@ def _check_strategies(strategies: Sequence[str]) -> None:
         raise ConfigError(f"Each strategy once, please: {list(strategies)}.")
 
 
-def _setup(strategy: str, model_name: str, config: TrainingConfig, lora: dict[str, Any] | None,
-           unfreeze_every: int | None):
+def _setup(
+    strategy: str, model_name: str, config: TrainingConfig, lora: dict[str, Any] | None, unfreeze_every: int | None
+):
     """A fresh model for ``strategy`` (seeded by ``config.seed``) with the param groups and callbacks it trains with."""
     model, tokenizer = load_model(model_name, random_init=strategy == "from_scratch", seed=config.seed)
     lora = {"seed": config.seed, **(lora or {})}
-    model, groups, callbacks = prepare_strategy(strategy, model, learning_rate=config.learning_rate,
-                                                max_steps=config.max_steps, weight_decay=config.weight_decay,
-                                                lora=lora, unfreeze_every=unfreeze_every)
+    model, groups, callbacks = prepare_strategy(
+        strategy,
+        model,
+        learning_rate=config.learning_rate,
+        max_steps=config.max_steps,
+        weight_decay=config.weight_decay,
+        lora=lora,
+        unfreeze_every=unfreeze_every,
+    )
     return model, tokenizer, groups, callbacks
 
 
-def _probe_peak(strategy: str, model_name: str, train_data, config: TrainingConfig, lora: dict[str, Any] | None,
-                unfreeze_every: int | None) -> int:
+def _probe_peak(
+    strategy: str,
+    model_name: str,
+    train_data,
+    config: TrainingConfig,
+    lora: dict[str, Any] | None,
+    unfreeze_every: int | None,
+) -> int:
     """Peak tensor memory of loading the strategy's model and taking two training steps.
 
     Gradual unfreezing ends with every parameter trainable, so its peak is measured in that final state (as full).
@@ -60,8 +73,18 @@ def _probe_peak(strategy: str, model_name: str, train_data, config: TrainingConf
 
     strategy = "full" if strategy == "gradual_unfreezing" else strategy
     with tempfile.TemporaryDirectory(prefix="gpt-helpers-probe-") as folder:
-        probe = config.replace(output_dir=folder, max_steps=2, epochs=None, max_time_seconds=None, save_best=False,
-                               save_final=False, save_every=None, resume=False, plot=False, progress=False)
+        probe = config.replace(
+            output_dir=folder,
+            max_steps=2,
+            epochs=None,
+            max_time_seconds=None,
+            save_best=False,
+            save_final=False,
+            save_every=None,
+            resume=False,
+            plot=False,
+            progress=False,
+        )
 
         def run() -> None:
             model, tokenizer, groups, callbacks = _setup(strategy, model_name, probe, lora, unfreeze_every)
@@ -70,15 +93,21 @@ def _probe_peak(strategy: str, model_name: str, train_data, config: TrainingConf
         return measure_peak_memory(run).peak_bytes
 
 
-def _row(strategy: str, seed: int, model: torch.nn.Module, history: History, wall: float, peak: int | None) -> dict[str, Any]:
+def _row(
+    strategy: str, seed: int, model: torch.nn.Module, history: History, wall: float, peak: int | None
+) -> dict[str, Any]:
     counts = count_parameters(model)
     best = history.best
     speeds = history.column("tokens_per_second")[1]
     train_losses = history.column("train_loss")[1]
     return {
-        "strategy": strategy, "seed": seed, "trainable_parameters": counts.trainable, "total_parameters": counts.total,
+        "strategy": strategy,
+        "seed": seed,
+        "trainable_parameters": counts.trainable,
+        "total_parameters": counts.total,
         "trainable_percent": 100 * counts.trainable_fraction,
-        "peak_memory_mb": None if peak is None else peak / 2**20, "wall_seconds": wall,
+        "peak_memory_mb": None if peak is None else peak / 2**20,
+        "wall_seconds": wall,
         "tokens_per_second": statistics.median(speeds) if speeds else None,
         "steps": history.final.step if history.final else 0,
         "final_train_loss": train_losses[-1] if train_losses else None,
@@ -88,11 +117,19 @@ def _row(strategy: str, seed: int, model: torch.nn.Module, history: History, wal
     }
 
 
-def compare_strategies(model_name_or_path: str, strategies: Sequence[str], train_data, eval_data,
-                       config: TrainingConfig, *, learning_rates: dict[str, float] | None = None,
-                       lora: dict[str, Any] | None = None, unfreeze_every: int | None = None,
-                       measure_memory: bool = True, seeds: Sequence[int] | None = None
-                       ) -> tuple[list[dict[str, Any]], dict[str, History]]:
+def compare_strategies(
+    model_name_or_path: str,
+    strategies: Sequence[str],
+    train_data,
+    eval_data,
+    config: TrainingConfig,
+    *,
+    learning_rates: dict[str, float] | None = None,
+    lora: dict[str, Any] | None = None,
+    unfreeze_every: int | None = None,
+    measure_memory: bool = True,
+    seeds: Sequence[int] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, History]]:
     """Train each strategy from the same starting model, on the same data and budget, once per seed; return a table
     (one row per strategy and seed) and the histories (``{"<strategy>" or "<strategy>/seed-<s>": History}``).
 
@@ -124,13 +161,21 @@ def compare_strategies(model_name_or_path: str, strategies: Sequence[str], train
     for strategy in strategies:
         learning_rate = learning_rates.get(strategy, config.learning_rate)
         base = config.replace(output_dir=str(Path(config.output_dir) / strategy), learning_rate=learning_rate)
-        peak = _probe_peak(strategy, model_name_or_path, train_data, base, lora, unfreeze_every) if measure_memory else None
+        peak = (
+            _probe_peak(strategy, model_name_or_path, train_data, base, lora, unfreeze_every)
+            if measure_memory
+            else None
+        )
         for seed in seeds:
-            run_config = base.replace(seed=seed, output_dir=base.output_dir + (f"/seed-{seed}" if len(seeds) > 1 else ""))
+            run_config = base.replace(
+                seed=seed, output_dir=base.output_dir + (f"/seed-{seed}" if len(seeds) > 1 else "")
+            )
             model, tokenizer, groups, callbacks = _setup(strategy, model_name_or_path, run_config, lora, unfreeze_every)
             logger.info("Strategy %s, seed %d: %s", strategy, seed, count_parameters(model))
             started = time.perf_counter()
-            result = train(model, tokenizer, train_data, eval_data, run_config, param_groups=groups, callbacks=callbacks)
+            result = train(
+                model, tokenizer, train_data, eval_data, run_config, param_groups=groups, callbacks=callbacks
+            )
             rows.append(_row(strategy, seed, result.model, result.history, time.perf_counter() - started, peak))
             histories[strategy if len(seeds) == 1 else f"{strategy}/seed-{seed}"] = result.history
     return rows, histories
@@ -152,10 +197,18 @@ def subset(dataset, fraction: float, *, seed: int = 0):
     return torch.utils.data.Subset(dataset, order.tolist())
 
 
-def data_efficiency_sweep(model_name_or_path: str, fractions: Sequence[float], train_data, eval_data,
-                          config: TrainingConfig, *, strategies: Sequence[str] = ("full", "from_scratch"),
-                          learning_rates: dict[str, float] | None = None, seeds: Sequence[int] | None = None,
-                          lora: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, History]]:
+def data_efficiency_sweep(
+    model_name_or_path: str,
+    fractions: Sequence[float],
+    train_data,
+    eval_data,
+    config: TrainingConfig,
+    *,
+    strategies: Sequence[str] = ("full", "from_scratch"),
+    learning_rates: dict[str, float] | None = None,
+    seeds: Sequence[int] | None = None,
+    lora: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, History]]:
     """How much training text does pre-training save? Train each strategy on growing fractions of the data.
 
     Same budget at every fraction (small fractions repeat their data, and the best validation loss is kept), each
@@ -172,17 +225,29 @@ def data_efficiency_sweep(model_name_or_path: str, fractions: Sequence[float], t
     for fraction in sorted(fractions):
         part = subset(train_data, fraction, seed=config.seed)
         part_config = config.replace(output_dir=str(Path(config.output_dir) / f"fraction-{fraction:g}"))
-        part_rows, part_histories = compare_strategies(model_name_or_path, strategies, part, eval_data, part_config,
-                                                       learning_rates=learning_rates, measure_memory=False,
-                                                       seeds=seeds, lora=lora)
+        part_rows, part_histories = compare_strategies(
+            model_name_or_path,
+            strategies,
+            part,
+            eval_data,
+            part_config,
+            learning_rates=learning_rates,
+            measure_memory=False,
+            seeds=seeds,
+            lora=lora,
+        )
         rows += [{"fraction": fraction, "train_examples": len(part), **row} for row in part_rows]
         histories.update({f"{fraction:g}/{name}": history for name, history in part_histories.items()})
     return rows, histories
 
 
 # ------------------------------------------------------------------------------------------ reading the results
-def summarize(rows: list[dict[str, Any]], *, by: Sequence[str] = ("strategy",), keys: Sequence[str] = (
-        "best_eval_loss", "best_perplexity", "tokens_per_second", "wall_seconds")) -> list[dict[str, Any]]:
+def summarize(
+    rows: list[dict[str, Any]],
+    *,
+    by: Sequence[str] = ("strategy",),
+    keys: Sequence[str] = ("best_eval_loss", "best_perplexity", "tokens_per_second", "wall_seconds"),
+) -> list[dict[str, Any]]:
     """One row per group (``by``): ``runs``, and for each of ``keys`` its ``<key>_mean``, ``_std`` (sample
     standard deviation; 0 with one run), ``_min`` and ``_max`` over the runs. Other columns that are the same for
     every run of a group (parameters, memory) are kept. Groups come in the order they first appear.
@@ -227,8 +292,10 @@ def ranking_text(table: list[dict[str, Any]], *, key: str = "best_perplexity", n
     ranked = sorted((row for row in table if row.get(f"{key}_mean") is not None), key=lambda row: row[f"{key}_mean"])
     lines = []
     for index, row in enumerate(ranked):
-        line = (f"{index + 1}. {row[name]}: {row[f'{key}_mean']:.2f} ± {row[f'{key}_std']:.2f} "
-                f"({row['runs']} run{'s' if row['runs'] != 1 else ''}, {row[f'{key}_min']:.2f}-{row[f'{key}_max']:.2f})")
+        line = (
+            f"{index + 1}. {row[name]}: {row[f'{key}_mean']:.2f} ± {row[f'{key}_std']:.2f} "
+            f"({row['runs']} run{'s' if row['runs'] != 1 else ''}, {row[f'{key}_min']:.2f}-{row[f'{key}_max']:.2f})"
+        )
         if index:
             above = ranked[index - 1]
             if row["runs"] < 2 or above["runs"] < 2:

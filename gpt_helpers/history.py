@@ -92,16 +92,26 @@ class History:
         speeds = [r.tokens_per_second for r in self.records if r.tokens_per_second]
         batch = info.get("global_batch_size", config.get("batch_size"))
         return {
-            "steps": final.step, "epochs": round(final.epoch, 2),
-            "examples_seen": final.step * batch if batch else None, "tokens_seen": final.tokens_seen,
+            "steps": final.step,
+            "epochs": round(final.epoch, 2),
+            "examples_seen": final.step * batch if batch else None,
+            "tokens_seen": final.tokens_seen,
             "training_seconds": round(final.elapsed_seconds, 1),
             "tokens_per_second": statistics.median(speeds) if speeds else None,
-            "device": info.get("device"), "precision": info.get("precision"), "parameters": info.get("parameters"),
-            "trainable_parameters": info.get("trainable_parameters"), "train_examples": info.get("train_examples"),
-            "batch_size": batch, "learning_rate": config.get("learning_rate"), "lr_schedule": config.get("lr_schedule"),
-            "warmup_steps": config.get("warmup_steps"), "weight_decay": config.get("weight_decay"),
-            "seed": config.get("seed"), "stop_reason": info.get("stop_reason"),
-            "best_step": best.step if best else None, "best_validation_loss": best.eval_loss if best else None,
+            "device": info.get("device"),
+            "precision": info.get("precision"),
+            "parameters": info.get("parameters"),
+            "trainable_parameters": info.get("trainable_parameters"),
+            "train_examples": info.get("train_examples"),
+            "batch_size": batch,
+            "learning_rate": config.get("learning_rate"),
+            "lr_schedule": config.get("lr_schedule"),
+            "warmup_steps": config.get("warmup_steps"),
+            "weight_decay": config.get("weight_decay"),
+            "seed": config.get("seed"),
+            "stop_reason": info.get("stop_reason"),
+            "best_step": best.step if best else None,
+            "best_validation_loss": best.eval_loss if best else None,
             "best_validation_perplexity": best.eval_perplexity if best else None,
         }
 
@@ -115,23 +125,28 @@ class History:
         '2 steps (0.25 epochs, 64 target tokens) in 6.4 s, median 10 tokens/s'
         """
         facts = self.summary()
-        line = (f"{facts['steps']:,} steps ({facts['epochs']:g} epochs, {facts['tokens_seen']:,} target tokens) in "
-                f"{facts['training_seconds']:g} s")
+        line = (
+            f"{facts['steps']:,} steps ({facts['epochs']:g} epochs, {facts['tokens_seen']:,} target tokens) in "
+            f"{facts['training_seconds']:g} s"
+        )
         if facts["tokens_per_second"]:
             line += f", median {facts['tokens_per_second']:,.0f} tokens/s"
         if facts["best_step"] is not None:
-            line += (f"; best validation perplexity {facts['best_validation_perplexity']:.2f} at step "
-                     f"{facts['best_step']:,}")
+            line += (
+                f"; best validation perplexity {facts['best_validation_perplexity']:.2f} at step {facts['best_step']:,}"
+            )
         return line
 
     def to_dict(self) -> dict[str, Any]:
         return {"info": self.info, "records": [asdict(r) for r in self.records]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "History":
+    def from_dict(cls, data: dict[str, Any]) -> History:
         names = {f.name for f in fields(HistoryRecord)}
-        return cls(records=[HistoryRecord(**{k: v for k, v in row.items() if k in names}) for row in data.get("records", [])],
-                   info=dict(data.get("info", {})))
+        return cls(
+            records=[HistoryRecord(**{k: v for k, v in row.items() if k in names}) for row in data.get("records", [])],
+            info=dict(data.get("info", {})),
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON (``.json``) or CSV (``.csv``) atomically; returns the path."""
@@ -149,7 +164,7 @@ class History:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "History":
+    def load(cls, path: str | os.PathLike) -> History:
         """Read a history written by :meth:`save` (JSON or CSV)."""
         path = Path(path)
         if not path.exists():

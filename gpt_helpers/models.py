@@ -18,8 +18,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from transformers import GPT2Config, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .errors import ModelLoadError
 from .packaged import PACKAGED, ensure_converted
@@ -116,7 +123,14 @@ def _from_hub(loader, name: str, what: str, **kwargs):
 
 
 #: Files of which a tokenizer folder holds at least one (fast, BPE, SentencePiece, WordPiece vocabularies).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
 
 
 def _check_local_folder(path: str, what: str) -> None:
@@ -163,11 +177,15 @@ def _check_config_json(file: Path) -> None:
             f"'{file}' is not valid JSON ({error}). The file is damaged or was cut short: copy or save the model again."
         ) from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"'{file}' holds a JSON {type(config).__name__}, not the object of a model configuration. "
-                             "Copy or save the model again.")
+        raise ModelLoadError(
+            f"'{file}' holds a JSON {type(config).__name__}, not the object of a model configuration. "
+            "Copy or save the model again."
+        )
 
 
-def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Load a fast tokenizer and give it a pad token if it has none.
 
     GPT-2 has no pad token; we reuse EOS as pad *and* mask padding by the attention mask (never by id),
@@ -200,7 +218,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     """
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelLoadError("The tokenizer has neither a pad nor an EOS token; add one with tokenizer.add_special_tokens().")
+            raise ModelLoadError(
+                "The tokenizer has neither a pad nor an EOS token; add one with tokenizer.add_special_tokens()."
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -251,7 +271,9 @@ def load_model(
     else:
         loaded = _from_hub(load_config, path, "model", **options)
     model = build_model_from_config(loaded, seed=seed, dtype=dtype) if random_init else loaded
-    if str(name_or_path) in OFFLINE_MODELS:  # recorded by adapters and histories: the short name, not this machine's path
+    if (
+        str(name_or_path) in OFFLINE_MODELS
+    ):  # recorded by adapters and histories: the short name, not this machine's path
         model.config.name_or_path = model.name_or_path = str(name_or_path)
     check_tokenizer_matches(model, tokenizer, source=str(name_or_path))
     if model.config.pad_token_id is None:
@@ -273,15 +295,21 @@ def _load_adapter_folder(folder: Path, *, dtype: torch.dtype, trust_remote_code:
     try:
         base_name = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (ValueError, KeyError, TypeError):
-        raise ModelLoadError(f"'{folder / 'adapter_config.json'}' is damaged or names no base model "
-                             "(base_model_name_or_path). Save the adapters again with model.save_pretrained(folder).") from None
+        raise ModelLoadError(
+            f"'{folder / 'adapter_config.json'}' is damaged or names no base model "
+            "(base_model_name_or_path). Save the adapters again with model.save_pretrained(folder)."
+        ) from None
     if not base_name:
-        raise ModelLoadError(f"The adapters in '{folder}' do not say which base model they belong to (their base was "
-                             "built from a config, not loaded by name). Load that base yourself and attach them: "
-                             "peft.PeftModel.from_pretrained(base_model, folder).")
+        raise ModelLoadError(
+            f"The adapters in '{folder}' do not say which base model they belong to (their base was "
+            "built from a config, not loaded by name). Load that base yourself and attach them: "
+            "peft.PeftModel.from_pretrained(base_model, folder)."
+        )
     if not (folder / "adapter_model.safetensors").is_file():
-        raise ModelLoadError(f"The adapter folder '{folder}' has no adapter_model.safetensors (pickle-based adapter "
-                             "weights are refused). Save the adapters again with model.save_pretrained(folder).")
+        raise ModelLoadError(
+            f"The adapter folder '{folder}' has no adapter_model.safetensors (pickle-based adapter "
+            "weights are refused). Save the adapters again with model.save_pretrained(folder)."
+        )
     model, tokenizer = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
     if any((folder / name).exists() for name in TOKENIZER_FILES):
         tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
@@ -304,7 +332,9 @@ def model_context_length(model_or_config: Any) -> int | None:
     return None
 
 
-def build_model_from_config(config: PretrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build_model_from_config(
+    config: PretrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A randomly initialised causal LM of the given architecture (deterministic for a seed).
 
     >>> model = build_model_from_config(tiny_gpt2_config())
@@ -317,15 +347,24 @@ def build_model_from_config(config: PretrainedConfig, *, seed: int = 0, dtype: t
     return model
 
 
-def tiny_gpt2_config(vocab_size: int = 512, n_positions: int = 64, n_embd: int = 32, n_layer: int = 2, n_head: int = 2) -> GPT2Config:
+def tiny_gpt2_config(
+    vocab_size: int = 512, n_positions: int = 64, n_embd: int = 32, n_layer: int = 2, n_head: int = 2
+) -> GPT2Config:
     """A very small GPT-2 configuration for tests and quick experiments."""
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
-def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, source: str = "model") -> None:
+def check_tokenizer_matches(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, source: str = "model"
+) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding table."""
     embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
@@ -371,12 +410,27 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
 
 #: SmolLM2's published architectures (Hugging Face's config.json files): Llama blocks, tied embeddings.
 SMOLLM2_FAMILY: dict[str, dict[str, int]] = {
-    "HuggingFaceTB/SmolLM2-135M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                                   "num_attention_heads": 9, "num_key_value_heads": 3},
-    "HuggingFaceTB/SmolLM2-360M": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                                   "num_attention_heads": 15, "num_key_value_heads": 5},
-    "HuggingFaceTB/SmolLM2-1.7B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-                                   "num_attention_heads": 32, "num_key_value_heads": 32},
+    "HuggingFaceTB/SmolLM2-135M": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+    },
+    "HuggingFaceTB/SmolLM2-360M": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+    },
+    "HuggingFaceTB/SmolLM2-1.7B": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    },
 }
 FAMILIES = {"gpt2": tuple(GPT2_FAMILY), "smollm2": tuple(SMOLLM2_FAMILY)}
 
@@ -390,12 +444,21 @@ def family_config(name: str) -> PretrainedConfig:
     if name in GPT2_FAMILY:
         return gpt2_family_config(name)
     if name not in SMOLLM2_FAMILY:
-        raise ModelLoadError(f"Unknown family member '{name}'. Choose one of: {', '.join(GPT2_FAMILY)}, "
-                             f"{', '.join(SMOLLM2_FAMILY)}.")
+        raise ModelLoadError(
+            f"Unknown family member '{name}'. Choose one of: {', '.join(GPT2_FAMILY)}, {', '.join(SMOLLM2_FAMILY)}."
+        )
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0,
-                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **SMOLLM2_FAMILY[name])
+    return LlamaConfig(
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        **SMOLLM2_FAMILY[name],
+    )
 
 
 def gpt2_family_config(name: str) -> GPT2Config:

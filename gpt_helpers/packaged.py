@@ -186,11 +186,19 @@ def convert(spec: PackagedModel, gguf: Path, destination: Path) -> None:
             tokenizer.save_pretrained(staging)
             bar.update()
             manifest = {
-                "name": spec.name, "source_package": f"{spec.distribution}=={spec.version}", "source_file": spec.file,
-                "source_sha256": spec.sha256, "source_bytes": spec.size, "quantization": spec.quantization,
-                "upstream": spec.upstream, "dtype": "float32", "converted_with": {
-                    "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
-                    "gguf": metadata.version("gguf")},
+                "name": spec.name,
+                "source_package": f"{spec.distribution}=={spec.version}",
+                "source_file": spec.file,
+                "source_sha256": spec.sha256,
+                "source_bytes": spec.size,
+                "quantization": spec.quantization,
+                "upstream": spec.upstream,
+                "dtype": "float32",
+                "converted_with": {
+                    "transformers": transformers.__version__,
+                    "torch": torch.__version__.split("+")[0],
+                    "gguf": metadata.version("gguf"),
+                },
                 "model_sha256": file_digest(staging / "model.safetensors"),
             }
             (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")

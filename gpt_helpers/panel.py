@@ -40,8 +40,16 @@ logger = logging.getLogger(__name__)
 #: Ranges of the whole-number settings a panel offers: (lowest, highest).
 RANGES = {"max_steps": (1, 100_000), "warmup_steps": (0, 10_000), "eval_every": (1, 100_000), "seed": (0, 2**31 - 1)}
 #: How each setting is called where a learner reads it.
-LABELS = {"learning_rate": "learning rate", "max_steps": "steps", "batch_size": "batch size", "block_size": "block size",
-          "warmup_steps": "warmup", "weight_decay": "weight decay", "eval_every": "eval every", "seed": "seed"}
+LABELS = {
+    "learning_rate": "learning rate",
+    "max_steps": "steps",
+    "batch_size": "batch size",
+    "block_size": "block size",
+    "warmup_steps": "warmup",
+    "weight_decay": "weight decay",
+    "eval_every": "eval every",
+    "seed": "seed",
+}
 LOGGERS = ("gpt_helpers", "accelerate")
 
 
@@ -61,8 +69,9 @@ class PanelView(Protocol):
     def on_busy(self, busy: bool, max_steps: int) -> None: ...
     def on_progress(self, step: int) -> None: ...
     def on_log(self, state, history, final: bool) -> None: ...
-    def on_done(self, label: str, config: TrainingConfig, block_size: int, result, seconds: float,
-                sample: str | None) -> None: ...
+    def on_done(
+        self, label: str, config: TrainingConfig, block_size: int, result, seconds: float, sample: str | None
+    ) -> None: ...
     def on_failed(self, message: str) -> None: ...
 
 
@@ -74,7 +83,7 @@ class _SilentView:
 class _PanelCallback:
     """Training callback: relays Stop, progress and the log events (runs in the worker thread)."""
 
-    def __init__(self, session: "PanelSession"):
+    def __init__(self, session: PanelSession):
         self.session = session
 
     def on_train_begin(self, state) -> None:
@@ -115,7 +124,10 @@ def load_panel_texts(dataset: str | dict[str, list[str]]) -> dict[str, list[str]
     from .data import load_course_dataset
 
     if isinstance(dataset, str):
-        return {"train": load_course_dataset(dataset, "train"), "validation": load_course_dataset(dataset, "validation")}
+        return {
+            "train": load_course_dataset(dataset, "train"),
+            "validation": load_course_dataset(dataset, "validation"),
+        }
     if isinstance(dataset, dict) and "train" in dataset:
         return {"train": list(dataset["train"]), "validation": list(dataset.get("validation") or [])}
     raise ConfigError("dataset must be a course dataset name or a dict {'train': [texts], 'validation': [texts]}.")
@@ -137,9 +149,18 @@ class PanelSession:
     2
     """
 
-    def __init__(self, model, tokenizer, texts: str | dict[str, list[str]], base_config: TrainingConfig, *,
-                 prompt: str | None = None, max_new_tokens: int = 30, callbacks: list | tuple = (),
-                 view: PanelView | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        texts: str | dict[str, list[str]],
+        base_config: TrainingConfig,
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int = 30,
+        callbacks: list | tuple = (),
+        view: PanelView | None = None,
+    ):
         if not isinstance(base_config, TrainingConfig):
             raise ConfigError(f"config must be a TrainingConfig, not {type(base_config).__name__}.")
         self.pretrained, self.tokenizer, self.base_config = model, tokenizer, base_config
@@ -209,8 +230,9 @@ class PanelSession:
         if block:
             self._work(label, config, block_size)
             return self.last_result if self.last_error is None else None
-        self._thread = threading.Thread(target=self._work, args=(label, config, block_size), name=f"panel-{label}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(label, config, block_size), name=f"panel-{label}", daemon=True
+        )
         self._thread.start()
         return None
 
@@ -232,8 +254,11 @@ class PanelSession:
         from .training import train
 
         log_filter = _ThreadLogFilter(threading.get_ident(), self.log_lines)
-        loggers = [logger for name, logger in logging.root.manager.loggerDict.items()
-                   if isinstance(logger, logging.Logger) and name.split(".")[0] in LOGGERS]
+        loggers = [
+            logger
+            for name, logger in logging.root.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger) and name.split(".")[0] in LOGGERS
+        ]
         loggers += [logging.getLogger(name) for name in LOGGERS]
         for log in loggers:
             log.addFilter(log_filter)
@@ -241,16 +266,23 @@ class PanelSession:
         try:
             with transformers_bars_off():
                 train_data, eval_data = self.data(block_size)
-                result = train(copy.deepcopy(self.pretrained), self.tokenizer, train_data, eval_data, config,
-                               callbacks=[_PanelCallback(self), *self.extra_callbacks])
+                result = train(
+                    copy.deepcopy(self.pretrained),
+                    self.tokenizer,
+                    train_data,
+                    eval_data,
+                    config,
+                    callbacks=[_PanelCallback(self), *self.extra_callbacks],
+                )
             self.last_result = result
             self.histories[label] = result.history
             sample = None
             if self.prompt:
                 from .evaluation import generate
 
-                sample = generate(result.model, self.tokenizer, self.prompt, max_new_tokens=self.max_new_tokens,
-                                  seed=config.seed)[0]
+                sample = generate(
+                    result.model, self.tokenizer, self.prompt, max_new_tokens=self.max_new_tokens, seed=config.seed
+                )[0]
             self.view.on_done(label, config, block_size, result, time.perf_counter() - started, sample)
             self.view.on_status(f"Done ({label}): {result.stop_reason}.", "success")
         except GPTHelpersError as error:
@@ -271,11 +303,14 @@ class PanelSession:
             from .models import model_context_length
 
             context = model_context_length(self.pretrained)
-            train_data, _ = prepare_dataset(self.tokenizer, self.texts["train"], block_size=block_size, max_context=context)
+            train_data, _ = prepare_dataset(
+                self.tokenizer, self.texts["train"], block_size=block_size, max_context=context
+            )
             eval_data = None
             if self.texts["validation"]:
-                eval_data, _ = prepare_dataset(self.tokenizer, self.texts["validation"], block_size=block_size,
-                                               max_context=context)
+                eval_data, _ = prepare_dataset(
+                    self.tokenizer, self.texts["validation"], block_size=block_size, max_context=context
+                )
             self._prepared[block_size] = (train_data, eval_data)
         return self._prepared[block_size]
 

@@ -56,8 +56,15 @@ def _in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in shell.config
 
 
-def plot_history(history: History | dict[str, History], *, x: str = "step", save_to: str | os.PathLike | None = None,
-                 show: bool = True, title: str | None = None, log_perplexity: bool = True):
+def plot_history(
+    history: History | dict[str, History],
+    *,
+    x: str = "step",
+    save_to: str | os.PathLike | None = None,
+    show: bool = True,
+    title: str | None = None,
+    log_perplexity: bool = True,
+):
     """Training and validation loss (left) and validation perplexity (right) against steps or tokens seen.
 
     Pass one history or ``{"label": history, …}`` to compare runs on one figure. Returns the figure;
@@ -90,8 +97,17 @@ def plot_history(history: History | dict[str, History], *, x: str = "step", save
         evaluated = run.eval_records
         if evaluated:
             ex = [getattr(r, x) for r in evaluated]
-            loss_axis.plot(ex, [r.eval_loss for r in evaluated], color=color, marker="o", markersize=3, label=f"{prefix}validation")
-            ppl_axis.plot(ex, [r.eval_perplexity for r in evaluated], color=color, marker="o", markersize=3, label=f"{prefix}validation")
+            loss_axis.plot(
+                ex, [r.eval_loss for r in evaluated], color=color, marker="o", markersize=3, label=f"{prefix}validation"
+            )
+            ppl_axis.plot(
+                ex,
+                [r.eval_perplexity for r in evaluated],
+                color=color,
+                marker="o",
+                markersize=3,
+                label=f"{prefix}validation",
+            )
             best = run.best
             if best is not None:
                 ppl_axis.scatter([getattr(best, x)], [best.eval_perplexity], color=color, marker="*", s=120, zorder=3)
@@ -142,7 +158,9 @@ class LivePlot:
         self.on_log(state, history)
 
 
-def plot_bars(labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str = "", save_to=None, show: bool = True):
+def plot_bars(
+    labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str = "", save_to=None, show: bool = True
+):
     """A simple labelled bar chart (strategy comparisons, timings)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(5, 0.9 * len(labels)), 3.6))

@@ -82,17 +82,21 @@ def measured_bf16_speedup(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     from .packaged import cache_dir
 
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    key = (f"{capabilities.get('cpu_name', 'cpu')} {capabilities.get('num_physical_cores', '?')} cores | torch "
-           f"{torch.__version__} | {torch.get_num_threads()} threads | {architecture(model)} | "
-           f"{tuple(batch['input_ids'].shape)}")
+    key = (
+        f"{capabilities.get('cpu_name', 'cpu')} {capabilities.get('num_physical_cores', '?')} cores | torch "
+        f"{torch.__version__} | {torch.get_num_threads()} threads | {architecture(model)} | "
+        f"{tuple(batch['input_ids'].shape)}"
+    )
     file = cache_dir() / "precision.json"
     try:
         known = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        ratios = [probe_step_seconds(model, batch, "fp32") / max(probe_step_seconds(model, batch, "bf16"), 1e-9)
-                  for _ in range(repeats)]
+        ratios = [
+            probe_step_seconds(model, batch, "fp32") / max(probe_step_seconds(model, batch, "bf16"), 1e-9)
+            for _ in range(repeats)
+        ]
         known[key] = round(statistics.median(ratios), 3)
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +108,9 @@ def measured_bf16_speedup(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return known[key]
 
 
-def choose_precision(requested: str, device_type: str, *, processes: int = 1,
-                     speedup: Callable[[], float] | None = None) -> PrecisionChoice:
+def choose_precision(
+    requested: str, device_type: str, *, processes: int = 1, speedup: Callable[[], float] | None = None
+) -> PrecisionChoice:
     """The precision for ``requested`` (``auto``, ``fp32``, ``bf16``, ``fp16``) on ``device_type``.
 
     ``speedup()`` measures how many times faster a training pass runs in bf16 than in fp32 (see
@@ -121,7 +126,9 @@ def choose_precision(requested: str, device_type: str, *, processes: int = 1,
 
     if requested != "auto":
         if requested == "fp16" and device_type == "cpu":
-            raise ConfigError("precision='fp16' needs a GPU (loss scaling on CPU is not supported). Use fp32 or bf16 on CPU.")
+            raise ConfigError(
+                "precision='fp16' needs a GPU (loss scaling on CPU is not supported). Use fp32 or bf16 on CPU."
+            )
         return PrecisionChoice(requested, "set in the config")
     if device_type == "cuda":
         if torch.cuda.is_bf16_supported():
@@ -133,9 +140,15 @@ def choose_precision(requested: str, device_type: str, *, processes: int = 1,
     if not instructions:
         return PrecisionChoice("fp32", "the CPU has no bf16 matrix instructions")
     if processes > 1 or speedup is None:
-        return PrecisionChoice("fp32", f"the CPU has {', '.join(instructions)}, but no probe step was run "
-                                       f"({'several processes' if processes > 1 else 'no model given'})")
+        return PrecisionChoice(
+            "fp32",
+            f"the CPU has {', '.join(instructions)}, but no probe step was run "
+            f"({'several processes' if processes > 1 else 'no model given'})",
+        )
     ratio = speedup()
     verdict = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
-    return PrecisionChoice(verdict, f"the CPU has {', '.join(instructions)} and a training pass of this model ran "
-                                    f"{ratio:.2f}× the fp32 speed in bf16 (bf16 from {BF16_MIN_SPEEDUP}×)")
+    return PrecisionChoice(
+        verdict,
+        f"the CPU has {', '.join(instructions)} and a training pass of this model ran "
+        f"{ratio:.2f}× the fp32 speed in bf16 (bf16 from {BF16_MIN_SPEEDUP}×)",
+    )

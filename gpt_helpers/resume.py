@@ -28,10 +28,29 @@ logger = logging.getLogger(__name__)
 #: Settings that do not matter to the run's numbers at all.
 IGNORED_FIELDS = frozenset({"output_dir", "resume", "allow_config_change", "progress", "plot", "report_to"})
 #: Settings a resumed run may change when the user allows it: how long it runs and how it is watched or saved.
-SAFE_FIELDS = frozenset({"max_steps", "epochs", "max_time_seconds", "eval_every", "eval_batches", "log_every",
-                         "save_every", "keep_last", "save_best", "save_final", "early_stopping_patience",
-                         "early_stopping_min_delta", "nonfinite", "oom_backoff", "compile", "device", "fused_adamw",
-                         "gradient_checkpointing", "eval_batch_size"})
+SAFE_FIELDS = frozenset(
+    {
+        "max_steps",
+        "epochs",
+        "max_time_seconds",
+        "eval_every",
+        "eval_batches",
+        "log_every",
+        "save_every",
+        "keep_last",
+        "save_best",
+        "save_final",
+        "early_stopping_patience",
+        "early_stopping_min_delta",
+        "nonfinite",
+        "oom_backoff",
+        "compile",
+        "device",
+        "fused_adamw",
+        "gradient_checkpointing",
+        "eval_batch_size",
+    }
+)
 
 
 def tensor_fingerprint(tensors: list[torch.Tensor], samples: int = 4096) -> str:
@@ -54,11 +73,13 @@ def run_identity(model: torch.nn.Module, train_data: Any, base_model_name: str |
     frozen = [p for p in model.parameters() if not p.requires_grad]
     data = [train_data.input_ids] if hasattr(train_data, "input_ids") else []
     return {
-        "base_model": base_model_name, "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "base_model": base_model_name,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "frozen_weights": tensor_fingerprint(frozen) if frozen else None,
-        "train_examples": len(train_data), "block_size": int(train_data.input_ids.shape[1]) if data else None,
+        "train_examples": len(train_data),
+        "block_size": int(train_data.input_ids.shape[1]) if data else None,
         "train_data": tensor_fingerprint(data) if data else None,
     }
 
@@ -70,7 +91,9 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
     {'batch_size': (4, 8)}
     """
     names = (set(saved) | set(current)) - IGNORED_FIELDS
-    return {name: (saved.get(name), current.get(name)) for name in sorted(names) if saved.get(name) != current.get(name)}
+    return {
+        name: (saved.get(name), current.get(name)) for name in sorted(names) if saved.get(name) != current.get(name)
+    }
 
 
 def _describe(differences: dict[str, tuple[Any, Any]]) -> str:
@@ -84,8 +107,11 @@ def check_compatible(folder: Path, trainer_state: dict[str, Any], config: Any, i
     ``config.allow_config_change``.
     """
     saved_identity = trainer_state.get("identity") or {}
-    setup = {name: (saved_identity.get(name), value) for name, value in identity.items()
-             if name in saved_identity and saved_identity[name] != value}
+    setup = {
+        name: (saved_identity.get(name), value)
+        for name, value in identity.items()
+        if name in saved_identity and saved_identity[name] != value
+    }
     if setup:
         raise CheckpointError(
             f"Cannot resume from '{folder}': it was written by another setup ({_describe(setup)}). Resume with the "

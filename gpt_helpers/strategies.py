@@ -31,8 +31,18 @@ from .models import ParameterCount, build_model_from_config, count_parameters
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("full", "head_only", "frozen_body", "top_quarter", "freeze_lower_half", "discriminative",
-              "gradual_unfreezing", "lora", "lora_mlp", "from_scratch")
+STRATEGIES = (
+    "full",
+    "head_only",
+    "frozen_body",
+    "top_quarter",
+    "freeze_lower_half",
+    "discriminative",
+    "gradual_unfreezing",
+    "lora",
+    "lora_mlp",
+    "from_scratch",
+)
 ULMFIT_DECAY = 2.6
 
 
@@ -46,8 +56,14 @@ def _set_trainable(parameters, trainable: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ freezing
-def freeze(model: torch.nn.Module, *, embeddings: bool = False, lower_blocks: int = 0, all_but_head: bool = False,
-           keep_last_blocks: int | None = None) -> ParameterCount:
+def freeze(
+    model: torch.nn.Module,
+    *,
+    embeddings: bool = False,
+    lower_blocks: int = 0,
+    all_but_head: bool = False,
+    keep_last_blocks: int | None = None,
+) -> ParameterCount:
     """Set which parameters train (starting from all of them) and return the trainable / total count.
 
     * ``embeddings=True`` freezes token and position embeddings;
@@ -64,16 +80,22 @@ def freeze(model: torch.nn.Module, *, embeddings: bool = False, lower_blocks: in
     True
     """
     if _is_peft(model):
-        raise ConfigError("This is a LoRA (peft) model: its base is already frozen. Call freeze() before apply_lora(), or not at all.")
+        raise ConfigError(
+            "This is a LoRA (peft) model: its base is already frozen. Call freeze() before apply_lora(), or not at all."
+        )
     levels = model_levels(model)
     n_blocks = len(levels) - 2
     if all_but_head and (embeddings or lower_blocks or keep_last_blocks is not None):
-        raise ConfigError("all_but_head=True already freezes everything else: do not combine it with embeddings, lower_blocks or keep_last_blocks.")
+        raise ConfigError(
+            "all_but_head=True already freezes everything else: do not combine it with embeddings, lower_blocks or keep_last_blocks."
+        )
     if keep_last_blocks is not None:
         if lower_blocks:
             raise ConfigError("Use either lower_blocks or keep_last_blocks, not both.")
         if not 1 <= keep_last_blocks <= n_blocks:
-            raise ConfigError(f"keep_last_blocks must be between 1 and {n_blocks} (the model's blocks), not {keep_last_blocks}.")
+            raise ConfigError(
+                f"keep_last_blocks must be between 1 and {n_blocks} (the model's blocks), not {keep_last_blocks}."
+            )
         embeddings, lower_blocks = True, n_blocks - keep_last_blocks
     if not 0 <= lower_blocks <= n_blocks:
         raise ConfigError(f"lower_blocks must be between 0 and {n_blocks} (the model's blocks), not {lower_blocks}.")
@@ -83,13 +105,17 @@ def freeze(model: torch.nn.Module, *, embeddings: bool = False, lower_blocks: in
         output = base_model(model).get_output_embeddings()
         if head_is_tied(model):
             output.weight.requires_grad_(True)
-            logger.warning("The output layer is tied to the token embeddings: 'head only' trains that shared %s matrix "
-                           "(%s parameters), which changes the input embeddings too. keep_last_blocks=1 trains the top "
-                           "block instead.", "×".join(map(str, output.weight.shape)), f"{output.weight.numel():,}")
+            logger.warning(
+                "The output layer is tied to the token embeddings: 'head only' trains that shared %s matrix "
+                "(%s parameters), which changes the input embeddings too. keep_last_blocks=1 trains the top "
+                "block instead.",
+                "×".join(map(str, output.weight.shape)),
+                f"{output.weight.numel():,}",
+            )
     else:
         if embeddings:
             _set_trainable(levels[0][1], False)
-        for _, parameters in levels[1:1 + lower_blocks]:
+        for _, parameters in levels[1 : 1 + lower_blocks]:
             _set_trainable(parameters, False)
     counts = count_parameters(model)
     logger.info("Trainable parameters: %s", counts)
@@ -135,8 +161,9 @@ def from_scratch(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ learning rates
-def discriminative_param_groups(model: torch.nn.Module, base_lr: float, *, decay: float = ULMFIT_DECAY,
-                                weight_decay: float = 0.01) -> list[dict[str, Any]]:
+def discriminative_param_groups(
+    model: torch.nn.Module, base_lr: float, *, decay: float = ULMFIT_DECAY, weight_decay: float = 0.01
+) -> list[dict[str, Any]]:
     """Optimizer parameter groups with ULMFiT's layer-wise learning rates, for ``train(param_groups=...)``.
 
     The top block (and the head) learn at ``base_lr``, each block below at the rate of the one above divided by
@@ -157,7 +184,10 @@ def discriminative_param_groups(model: torch.nn.Module, base_lr: float, *, decay
     groups = []
     for index, (name, parameters) in enumerate(levels):
         lr = base_lr / decay ** (top_block - min(index, top_block))
-        for wd, members in ((weight_decay, [p for p in parameters if p.ndim >= 2]), (0.0, [p for p in parameters if p.ndim < 2])):
+        for wd, members in (
+            (weight_decay, [p for p in parameters if p.ndim >= 2]),
+            (0.0, [p for p in parameters if p.ndim < 2]),
+        ):
             if members:
                 groups.append({"params": members, "lr": lr, "weight_decay": wd, "name": name})
     return groups
@@ -213,12 +243,23 @@ class GradualUnfreezing:
             self._apply(state.step)
 
     def on_train_end(self, state, history: History) -> None:
-        history.info["gradual_unfreezing"] = {"every_steps": self.every_steps, "unfrozen_at_step": dict(self.unfrozen_at)}
+        history.info["gradual_unfreezing"] = {
+            "every_steps": self.every_steps,
+            "unfrozen_at_step": dict(self.unfrozen_at),
+        }
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               target_modules: Sequence[str] | None = None, include_mlp: bool = False, seed: int = 0) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module,
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | None = None,
+    include_mlp: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (``peft``): the base is frozen, only the low-rank matrices train.
 
     Default targets are every attention projection of every block, found by
@@ -239,7 +280,9 @@ def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16, dropout
     from peft import LoraConfig, get_peft_model
 
     if _is_peft(model):
-        raise ConfigError("This model already has LoRA adapters. Start again from the base model, or merge them with merge_lora().")
+        raise ConfigError(
+            "This model already has LoRA adapters. Start again from the base model, or merge them with merge_lora()."
+        )
     if not isinstance(r, int) or r < 1:
         raise ConfigError(f"The LoRA rank r must be a whole number of at least 1, not {r!r}. Typical values: 4 to 64.")
     if not 0 <= dropout < 1:
@@ -249,10 +292,18 @@ def apply_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16, dropout
     targets = list(target_modules) if target_modules else lora_target_modules(model, include_mlp=include_mlp)
     matched = [m for name, m in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
     if not matched:
-        raise ConfigError(f"No module of {type(model).__name__} is named {targets}. Pick names from print(model) "
-                          f"(this model's attention projections: {lora_target_modules(model)}).")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
-                        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched))
+        raise ConfigError(
+            f"No module of {type(model).__name__} is named {targets}. Pick names from print(model) "
+            f"(this model's attention projections: {lora_target_modules(model)})."
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         lora_model = get_peft_model(model, config)
@@ -283,9 +334,16 @@ def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ by name
-def prepare_strategy(strategy: str, model: torch.nn.Module, *, learning_rate: float, max_steps: int | None,
-                     weight_decay: float = 0.01, lora: dict[str, Any] | None = None,
-                     unfreeze_every: int | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]] | None, list]:
+def prepare_strategy(
+    strategy: str,
+    model: torch.nn.Module,
+    *,
+    learning_rate: float,
+    max_steps: int | None,
+    weight_decay: float = 0.01,
+    lora: dict[str, Any] | None = None,
+    unfreeze_every: int | None = None,
+) -> tuple[torch.nn.Module, list[dict[str, Any]] | None, list]:
     """Apply a strategy by its name to a freshly loaded model: ``(model, param_groups, callbacks)`` for ``train``.
 
     ``full``; ``head_only`` (output layer and final norm); ``frozen_body`` (top block); ``top_quarter`` (the top

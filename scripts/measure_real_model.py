@@ -37,12 +37,20 @@ REAL, TINY = "smollm2-135m-instruct", "tiny-gpt2-base"
 
 def conversion_times() -> tuple[float, float]:
     """Seconds of the first load (conversion) and of a second load, each in a fresh process and cache folder."""
-    code = ("import time, gpt_helpers as gh; t = time.perf_counter(); gh.load_model('" + REAL + "'); "
-            "print(time.perf_counter() - t)")
+    code = (
+        "import time, gpt_helpers as gh; t = time.perf_counter(); gh.load_model('" + REAL + "'); "
+        "print(time.perf_counter() - t)"
+    )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "GPT_HELPERS_CACHE": cache, "HF_HUB_OFFLINE": "1"}
-        seconds = [float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                        check=True).stdout.split()[-1]) for _ in range(2)]
+        seconds = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+                ).stdout.split()[-1]
+            )
+            for _ in range(2)
+        ]
     return seconds[0], seconds[1]
 
 
@@ -55,7 +63,9 @@ def zero_shot() -> list[tuple[str, str, float, float, float]]:
             texts = gh.clean_texts(gh.load_course_dataset(dataset, "validation"))[0]
             measured = bits_per_byte(model, tokenizer, texts)
             data, _ = gh.prepare_dataset(tokenizer, texts, block_size=128)
-            rows.append((dataset, name, measured.bits_per_byte, measured.bytes_per_token, gh.evaluate(model, data).perplexity))
+            rows.append(
+                (dataset, name, measured.bits_per_byte, measured.bytes_per_token, gh.evaluate(model, data).perplexity)
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -71,9 +81,19 @@ def training_speeds(steps: int = 6) -> dict[tuple[str, str], float]:
             model = copy.deepcopy(base)
             if mode == "lora":
                 model = apply_lora(model, r=16, alpha=32)
-            config = gh.TrainingConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, batch_size=8, log_every=1,
-                                       warmup_steps=0, precision=precision, progress=False, plot=False,
-                                       save_best=False, save_final=False, device="cpu")
+            config = gh.TrainingConfig(
+                output_dir=tempfile.mkdtemp(),
+                max_steps=steps,
+                batch_size=8,
+                log_every=1,
+                warmup_steps=0,
+                precision=precision,
+                progress=False,
+                plot=False,
+                save_best=False,
+                save_final=False,
+                device="cpu",
+            )
             history = gh.train(model, tokenizer, data, None, config).history
             speeds[mode, precision] = statistics.median(history.column("tokens_per_second")[1][1:])
             print(mode, precision, speeds[mode, precision], flush=True)
@@ -87,9 +107,20 @@ def lora_fine_tune(steps: int = 60) -> tuple[float, float, float]:
     train, _ = gh.prepare_dataset(tokenizer, splits["train"], block_size=128)
     val, _ = gh.prepare_dataset(tokenizer, splits["validation"], block_size=128)
     before = gh.evaluate(model, val).perplexity
-    config = gh.TrainingConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, batch_size=8, learning_rate=1e-3,
-                               warmup_steps=5, eval_every=steps, eval_batches=None, progress=False, plot=False,
-                               save_best=False, save_final=False, device="cpu")
+    config = gh.TrainingConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        eval_every=steps,
+        eval_batches=None,
+        progress=False,
+        plot=False,
+        save_best=False,
+        save_final=False,
+        device="cpu",
+    )
     started = time.perf_counter()
     result = gh.train(apply_lora(model, r=16, alpha=32), tokenizer, train, val, config)
     return before, result.final_eval.perplexity, time.perf_counter() - started
@@ -97,27 +128,41 @@ def lora_fine_tune(steps: int = 60) -> tuple[float, float, float]:
 
 def card(conversion: tuple[float, float], rows, speeds, tune, args) -> str:
     by = {(dataset, name): (bpb, bpt, ppl) for dataset, name, bpb, bpt, ppl in rows}
-    lines = ["## Measured by the course", "",
-             f"`python scripts/measure_real_model.py` on {date.today():%Y-%m-%d}: {platform.machine()} CPU "
-             f"({torch.get_num_threads()} threads; bf16 instructions: {', '.join(cpu_bf16_instructions()) or 'none'}), "
-             f"torch {torch.__version__.split('+')[0]}, transformers {transformers.__version__}.", "",
-             f"Conversion (first load, once per machine): {conversion[0]:.0f} s; later loads: {conversion[1]:.1f} s.", "",
-             "Zero-shot on the course's validation splits. Bits per byte (lower is better) compare models with "
-             "different tokenizers; perplexity per token does not (a SmolLM2 token covers more text).", "",
-             "| dataset | tiny-gpt2-base bits/byte | this model bits/byte | this model bytes/token | tiny / this perplexity per token |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "## Measured by the course",
+        "",
+        f"`python scripts/measure_real_model.py` on {date.today():%Y-%m-%d}: {platform.machine()} CPU "
+        f"({torch.get_num_threads()} threads; bf16 instructions: {', '.join(cpu_bf16_instructions()) or 'none'}), "
+        f"torch {torch.__version__.split('+')[0]}, transformers {transformers.__version__}.",
+        "",
+        f"Conversion (first load, once per machine): {conversion[0]:.0f} s; later loads: {conversion[1]:.1f} s.",
+        "",
+        "Zero-shot on the course's validation splits. Bits per byte (lower is better) compare models with "
+        "different tokenizers; perplexity per token does not (a SmolLM2 token covers more text).",
+        "",
+        "| dataset | tiny-gpt2-base bits/byte | this model bits/byte | this model bytes/token | tiny / this perplexity per token |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for dataset in gh.data.COURSE_DATASETS:
         tiny, real = by[dataset, TINY], by[dataset, REAL]
         lines.append(f"| {dataset} | {tiny[0]:.3f} | {real[0]:.3f} | {real[1]:.2f} | {tiny[2]:.1f} / {real[2]:.1f} |")
-    lines += ["", f"Training speed on this CPU, batch 8 × 128 tokens, `gh.train` (median tokens/s of {args.steps - 1} "
-              "steps after a warm-up; LoRA r 16 on q/k/v/o):", "",
-              "| setup | fp32 | bf16 autocast | bf16 ÷ fp32 |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        f"Training speed on this CPU, batch 8 × 128 tokens, `gh.train` (median tokens/s of {args.steps - 1} "
+        "steps after a warm-up; LoRA r 16 on q/k/v/o):",
+        "",
+        "| setup | fp32 | bf16 autocast | bf16 ÷ fp32 |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for mode, label in (("full", "full fine-tuning"), ("lora", "LoRA")):
         fp32, bf16 = speeds[mode, "fp32"], speeds[mode, "bf16"]
         lines.append(f"| {label} | {fp32:,.0f} | {bf16:,.0f} | {bf16 / fp32:.2f}× |")
     before, after, seconds = tune
-    lines += ["", f"LoRA (r 16, alpha 32, q/k/v/o) on drug reviews, {args.tune_steps} steps of 8 × 128 tokens, lr 1e-3, "
-              f"precision chosen automatically: validation perplexity {before:.1f} → {after:.1f} in {seconds:.0f} s."]
+    lines += [
+        "",
+        f"LoRA (r 16, alpha 32, q/k/v/o) on drug reviews, {args.tune_steps} steps of 8 × 128 tokens, lr 1e-3, "
+        f"precision chosen automatically: validation perplexity {before:.1f} → {after:.1f} in {seconds:.0f} s.",
+    ]
     return "\n".join(lines) + "\n"
 
 

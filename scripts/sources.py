@@ -31,8 +31,10 @@ def _sha256(path: Path) -> str:
 def _verified(path: Path, sha256: str) -> Path:
     actual = _sha256(path)
     if actual != sha256:
-        raise SourceError(f"{path.name}: sha256 {actual} does not match the pinned {sha256}. Delete {path} and retry; "
-                          "if it persists the registry serves a different file than the one this project was built from.")
+        raise SourceError(
+            f"{path.name}: sha256 {actual} does not match the pinned {sha256}. Delete {path} and retry; "
+            "if it persists the registry serves a different file than the one this project was built from."
+        )
     return path
 
 
@@ -42,7 +44,17 @@ def fetch_pypi(name: str, version: str, sha256: str, *, sdist: bool = False) -> 
     found = sorted(target.glob("*")) if target.exists() else []
     if not found:
         target.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(target), f"{name}=={version}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(target),
+            f"{name}=={version}",
+        ]
         command += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
         completed = subprocess.run(command, capture_output=True, text=True)
         found = sorted(target.glob("*"))
@@ -58,9 +70,13 @@ def fetch_npm(name: str, version: str, sha256: str) -> Path:
     if not found:
         target.mkdir(parents=True, exist_ok=True)
         try:
-            completed = subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=target, capture_output=True, text=True)
+            completed = subprocess.run(
+                ["npm", "pack", "--silent", f"{name}@{version}"], cwd=target, capture_output=True, text=True
+            )
         except FileNotFoundError:
-            raise SourceError("npm is not installed; install Node.js (e.g. apt-get install npm) to fetch the pre-training corpus.") from None
+            raise SourceError(
+                "npm is not installed; install Node.js (e.g. apt-get install npm) to fetch the pre-training corpus."
+            ) from None
         found = sorted(target.glob("*.tgz"))
         if completed.returncode != 0 or not found:
             raise SourceError(f"npm could not download {name}@{version}: {completed.stderr.strip()[-500:]}")

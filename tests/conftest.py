@@ -5,7 +5,6 @@ The environment (offline, headless, single-threaded) is set by the repository's 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gpt_helpers import TrainingConfig, load_course_dataset, load_tokenizer  # noqa: E402
 from gpt_helpers.models import build_model_from_config, tiny_gpt2_config  # noqa: E402
@@ -32,9 +31,17 @@ def make_tiny_llama(tokenizer, *, seed: int = 0):
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     return build_model_from_config(config, seed=seed)
 
@@ -54,9 +61,22 @@ def drug_reviews() -> dict[str, list[str]]:
 
 def quick_config(tmp_path, **changes) -> TrainingConfig:
     """A training config for tests: CPU fp32, no progress bar, no plots, no saved models unless asked."""
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0,
-                  eval_every=1000, log_every=1, device="cpu", precision="fp32", compile=False, progress=False,
-                  plot=False, save_best=False, save_final=False)
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        eval_every=1000,
+        log_every=1,
+        device="cpu",
+        precision="fp32",
+        compile=False,
+        progress=False,
+        plot=False,
+        save_best=False,
+        save_final=False,
+    )
     values.update(changes)
     return TrainingConfig(**values)
 

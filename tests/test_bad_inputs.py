@@ -27,17 +27,21 @@ from gpt_helpers.errors import DataError
 
 Builder = Callable[[Path], None]
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-GOOD_ROWS = [{"text": f"Customer note {i}: the parcel came {'late' if i % 3 else 'early'} and the box was fine."}
-             for i in range(60)]
+GOOD_ROWS = [
+    {"text": f"Customer note {i}: the parcel came {'late' if i % 3 else 'early'} and the box was fine."}
+    for i in range(60)
+]
 
 
 # ------------------------------------------------------------------------------------------- input builders
 def write(name: str, content: str | bytes) -> Builder:
     """A file with exactly this content (text is written as UTF-8)."""
+
     def build(folder: Path) -> None:
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+
     return build
 
 
@@ -48,12 +52,14 @@ def jsonl(name: str, rows: list, tail: str = "") -> Builder:
 
 def model_folder(name: str, change: Callable[[Path], None]) -> Builder:
     """A copy of the bundled base model, then ``change`` applied to the copy."""
+
     def build(folder: Path) -> None:
         target = folder / name
         target.mkdir()
         for file in MODEL_FILES:
             shutil.copy(BUNDLED["tiny-gpt2-base"] / file, target / file)
         change(target)
+
     return build
 
 
@@ -75,6 +81,7 @@ def cut_in_half(file: str) -> Callable[[Path], None]:
     def change(folder: Path) -> None:
         data = (folder / file).read_bytes()
         (folder / file).write_bytes(data[: len(data) // 2])
+
     return change
 
 
@@ -85,8 +92,22 @@ def nothing(folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------ the table
 def finetune(*args: str) -> tuple[str, ...]:
     """A quick, valid fine-tune of good.jsonl into out/; the row's arguments (later flags win) make it bad."""
-    return ("finetune", "--data", "good.jsonl", "--out", "out", "--steps", "2", "--batch-size", "2",
-            "--block-size", "16", "--eval-every", "100", *args)
+    return (
+        "finetune",
+        "--data",
+        "good.jsonl",
+        "--out",
+        "out",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "16",
+        "--eval-every",
+        "100",
+        *args,
+    )
 
 
 @dataclass(frozen=True)
@@ -100,50 +121,118 @@ class Row:
 ROWS = [
     # data files
     Row("missing-file", finetune("--data", "nope.jsonl"), ("'nope.jsonl'", "does not exist", "Check the path")),
-    Row("empty-file", finetune("--data", "empty.jsonl"), ("'empty.jsonl'", "is empty", "Put at least one text"),
-        write("empty.jsonl", " \n\n")),
-    Row("truncated-jsonl", finetune("--data", "cut.jsonl"), ("cut.jsonl, line 3", "invalid JSON", "cut short"),
-        jsonl("cut.jsonl", GOOD_ROWS[:2], tail='{"text": "the parcel was')),
-    Row("jsonl-wrong-field", finetune("--data", "reviews.jsonl"),
+    Row(
+        "empty-file",
+        finetune("--data", "empty.jsonl"),
+        ("'empty.jsonl'", "is empty", "Put at least one text"),
+        write("empty.jsonl", " \n\n"),
+    ),
+    Row(
+        "truncated-jsonl",
+        finetune("--data", "cut.jsonl"),
+        ("cut.jsonl, line 3", "invalid JSON", "cut short"),
+        jsonl("cut.jsonl", GOOD_ROWS[:2], tail='{"text": "the parcel was'),
+    ),
+    Row(
+        "jsonl-wrong-field",
+        finetune("--data", "reviews.jsonl"),
         ("reviews.jsonl, line 1", "no 'text' field", "fields: review, stars", "--text-field"),
-        jsonl("reviews.jsonl", [{"review": "fine", "stars": 4}])),
-    Row("jsonl-text-not-a-string", finetune("--data", "numbers.jsonl"),
+        jsonl("reviews.jsonl", [{"review": "fine", "stars": 4}]),
+    ),
+    Row(
+        "jsonl-text-not-a-string",
+        finetune("--data", "numbers.jsonl"),
         ("numbers.jsonl, line 2", "is int", "Store the text as a string"),
-        jsonl("numbers.jsonl", [{"text": "fine"}, {"text": 42}])),
-    Row("jsonl-lines-not-objects", finetune("--data", "lists.jsonl"),
-        ("lists.jsonl, line 1", "expected a JSON object with a 'text' field"), jsonl("lists.jsonl", [["a", "b"]])),
-    Row("binary-junk", finetune("--data", "notes.txt"), ("'notes.txt'", "binary file", "Export your data as UTF-8"),
-        write("notes.txt", b"PK\x03\x04\x14\x00\x00\x00\x08\x00junk" * 50)),
-    Row("latin-1-text", finetune("--data", "latin1.csv"),
+        jsonl("numbers.jsonl", [{"text": "fine"}, {"text": 42}]),
+    ),
+    Row(
+        "jsonl-lines-not-objects",
+        finetune("--data", "lists.jsonl"),
+        ("lists.jsonl, line 1", "expected a JSON object with a 'text' field"),
+        jsonl("lists.jsonl", [["a", "b"]]),
+    ),
+    Row(
+        "binary-junk",
+        finetune("--data", "notes.txt"),
+        ("'notes.txt'", "binary file", "Export your data as UTF-8"),
+        write("notes.txt", b"PK\x03\x04\x14\x00\x00\x00\x08\x00junk" * 50),
+    ),
+    Row(
+        "latin-1-text",
+        finetune("--data", "latin1.csv"),
         ("'latin1.csv'", "not valid UTF-8", "byte 0xe9 at line 2", "iconv -f latin1"),
-        write("latin1.csv", "id,text\n1,caf\u00e9 au lait\n".encode("latin-1"))),
-    Row("one-enormous-line", finetune("--data", "huge.jsonl"),
+        write("latin1.csv", "id,text\n1,caf\u00e9 au lait\n".encode("latin-1")),
+    ),
+    Row(
+        "one-enormous-line",
+        finetune("--data", "huge.jsonl"),
         ("huge.jsonl, line 2", f"limit {MAX_TEXT_CHARS:,}", "Split such documents into smaller rows"),
-        jsonl("huge.jsonl", [{"text": "short"}, {"text": "word " * (MAX_TEXT_CHARS // 5 + 1)}])),
-    Row("one-enormous-csv-field", finetune("--data", "huge.csv"),
+        jsonl("huge.jsonl", [{"text": "short"}, {"text": "word " * (MAX_TEXT_CHARS // 5 + 1)}]),
+    ),
+    Row(
+        "one-enormous-csv-field",
+        finetune("--data", "huge.csv"),
         ("huge.csv, line 3", f"limit {MAX_TEXT_CHARS:,}", "Split such documents into smaller rows"),
-        write("huge.csv", "id,text\n1,short\n2," + "word " * (MAX_TEXT_CHARS // 5 + 1) + "\n")),
-    Row("ragged-csv", finetune("--data", "ragged.csv"),
+        write("huge.csv", "id,text\n1,short\n2," + "word " * (MAX_TEXT_CHARS // 5 + 1) + "\n"),
+    ),
+    Row(
+        "ragged-csv",
+        finetune("--data", "ragged.csv"),
         ("ragged.csv, line 3", "3 fields but the header has 2", "must be quoted"),
-        write("ragged.csv", "id,text\n1,fine\n2,late, but fine\n")),
-    Row("csv-without-text-column", finetune("--data", "cols.csv"),
-        ("cols.csv", "no 'text' column", "columns: id, review", "--text-field"), write("cols.csv", "id,review\n1,fine\n")),
-    Row("unknown-text-field", finetune("--text-field", "body"), ("good.jsonl, line 1", "no 'body' field", "--text-field")),
-    Row("folder-without-txt-files", finetune("--data", "docs"), ("'docs'", "no .txt files", "one document per .txt file"),
-        write("docs/notes.md", "# notes\n")),
-    Row("unsupported-file-type", finetune("--data", "sheet.xlsx"), ("'sheet.xlsx'", "unsupported file type", "Use .jsonl"),
-        write("sheet.xlsx", b"PK\x03\x04")),
-    Row("empty-after-cleaning", finetune("--data", "blank.jsonl"),
+        write("ragged.csv", "id,text\n1,fine\n2,late, but fine\n"),
+    ),
+    Row(
+        "csv-without-text-column",
+        finetune("--data", "cols.csv"),
+        ("cols.csv", "no 'text' column", "columns: id, review", "--text-field"),
+        write("cols.csv", "id,review\n1,fine\n"),
+    ),
+    Row(
+        "unknown-text-field",
+        finetune("--text-field", "body"),
+        ("good.jsonl, line 1", "no 'body' field", "--text-field"),
+    ),
+    Row(
+        "folder-without-txt-files",
+        finetune("--data", "docs"),
+        ("'docs'", "no .txt files", "one document per .txt file"),
+        write("docs/notes.md", "# notes\n"),
+    ),
+    Row(
+        "unsupported-file-type",
+        finetune("--data", "sheet.xlsx"),
+        ("'sheet.xlsx'", "unsupported file type", "Use .jsonl"),
+        write("sheet.xlsx", b"PK\x03\x04"),
+    ),
+    Row(
+        "empty-after-cleaning",
+        finetune("--data", "blank.jsonl"),
         ("'blank.jsonl'", "all 4 rows are empty after cleaning", "--text-field"),
-        jsonl("blank.jsonl", [{"text": t} for t in ("   ", "&nbsp;", "\n\n", "&amp;nbsp; ")])),
-    Row("too-few-texts-to-split", finetune("--data", "three.jsonl"),
-        ("3 texts are too few", "validation=0.1", "--eval-data"), jsonl("three.jsonl", GOOD_ROWS[:3])),
-    Row("too-little-text-for-one-block", finetune("--data", "hi.txt", "--validation", "0"),
-        ("fewer than one block of 16", "lower block_size"), write("hi.txt", "hi")),
-    Row("misspelt-course-dataset", finetune("--data", "drug_review"),
-        ("'drug_review'", "neither a file nor a course dataset", "Did you mean 'drug_reviews'?")),
-    Row("bad-validation-file", finetune("--eval-data", "val.jsonl"), ("val.jsonl, line 2", "invalid JSON"),
-        jsonl("val.jsonl", GOOD_ROWS[:1], tail='{"text": ')),
+        jsonl("blank.jsonl", [{"text": t} for t in ("   ", "&nbsp;", "\n\n", "&amp;nbsp; ")]),
+    ),
+    Row(
+        "too-few-texts-to-split",
+        finetune("--data", "three.jsonl"),
+        ("3 texts are too few", "validation=0.1", "--eval-data"),
+        jsonl("three.jsonl", GOOD_ROWS[:3]),
+    ),
+    Row(
+        "too-little-text-for-one-block",
+        finetune("--data", "hi.txt", "--validation", "0"),
+        ("fewer than one block of 16", "lower block_size"),
+        write("hi.txt", "hi"),
+    ),
+    Row(
+        "misspelt-course-dataset",
+        finetune("--data", "drug_review"),
+        ("'drug_review'", "neither a file nor a course dataset", "Did you mean 'drug_reviews'?"),
+    ),
+    Row(
+        "bad-validation-file",
+        finetune("--eval-data", "val.jsonl"),
+        ("val.jsonl, line 2", "invalid JSON"),
+        jsonl("val.jsonl", GOOD_ROWS[:1], tail='{"text": '),
+    ),
     # settings: command-line flags and config files
     Row("steps-zero", finetune("--steps", "0"), ("--steps", "must be at least 1, got 0")),
     Row("steps-negative", finetune("--steps", "-3"), ("--steps", "must be at least 1, got -3")),
@@ -155,44 +244,100 @@ ROWS = [
     Row("batch-larger-than-data", finetune("--batch-size", "500"), ("one step's batch of 500", "Lower batch_size")),
     Row("epochs-negative", finetune("--epochs", "-1"), ("--epochs", "must be positive, got -1.0")),
     Row("validation-fraction-above-one", finetune("--validation", "1.5"), ("--validation", "fraction below 1")),
-    Row("block-size-above-context", finetune("--block-size", "100000"),
-        ("block_size 100000", "context of 256 tokens", "Use block_size <= 256")),
+    Row(
+        "block-size-above-context",
+        finetune("--block-size", "100000"),
+        ("block_size 100000", "context of 256 tokens", "Use block_size <= 256"),
+    ),
     Row("block-size-one", finetune("--block-size", "1"), ("block_size", "at least 2, not 1")),
-    Row("config-lr-a-string", finetune("--config", "run.json"), ("run.json", "learning_rate must be a number", "'fast'"),
-        write("run.json", '{"learning_rate": "fast"}')),
-    Row("config-unknown-key", finetune("--config", "run.json"), ("run.json", "Unknown setting(s): learnin_rate"),
-        write("run.json", '{"learnin_rate": 0.001}')),
-    Row("config-invalid-json", finetune("--config", "run.json"), ("run.json, line 1", "invalid JSON"),
-        write("run.json", '{"max_steps": 5,')),
+    Row(
+        "config-lr-a-string",
+        finetune("--config", "run.json"),
+        ("run.json", "learning_rate must be a number", "'fast'"),
+        write("run.json", '{"learning_rate": "fast"}'),
+    ),
+    Row(
+        "config-unknown-key",
+        finetune("--config", "run.json"),
+        ("run.json", "Unknown setting(s): learnin_rate"),
+        write("run.json", '{"learnin_rate": 0.001}'),
+    ),
+    Row(
+        "config-invalid-json",
+        finetune("--config", "run.json"),
+        ("run.json, line 1", "invalid JSON"),
+        write("run.json", '{"max_steps": 5,'),
+    ),
     Row("config-missing", finetune("--config", "nope.json"), ("'nope.json'", "does not exist")),
-    Row("out-is-a-file", finetune("--out", "notes.txt"), ("'notes.txt' is a file, not a folder", "Choose another --out"),
-        write("notes.txt", "my notes\n")),
-    Row("resume-without-checkpoint", finetune("--resume"), ("--resume", "no checkpoint in 'out/checkpoints'", "drop --resume")),
+    Row(
+        "out-is-a-file",
+        finetune("--out", "notes.txt"),
+        ("'notes.txt' is a file, not a folder", "Choose another --out"),
+        write("notes.txt", "my notes\n"),
+    ),
+    Row(
+        "resume-without-checkpoint",
+        finetune("--resume"),
+        ("--resume", "no checkpoint in 'out/checkpoints'", "drop --resume"),
+    ),
     # model folders and names
-    Row("model-without-config-json", finetune("--model", "no_config"), ("'no_config'", "no config.json", "save_pretrained"),
-        model_folder("no_config", delete("config.json"))),
-    Row("model-with-only-a-pickle", finetune("--model", "pickled"),
-        ("'pickled'", "only pickle-based weights", "safe_serialization=True"), model_folder("pickled", pickle_weights_only)),
-    Row("tokenizer-of-another-model", finetune("--model", "mixed"),
+    Row(
+        "model-without-config-json",
+        finetune("--model", "no_config"),
+        ("'no_config'", "no config.json", "save_pretrained"),
+        model_folder("no_config", delete("config.json")),
+    ),
+    Row(
+        "model-with-only-a-pickle",
+        finetune("--model", "pickled"),
+        ("'pickled'", "only pickle-based weights", "safe_serialization=True"),
+        model_folder("pickled", pickle_weights_only),
+    ),
+    Row(
+        "tokenizer-of-another-model",
+        finetune("--model", "mixed"),
         ("'mixed'", "50257 tokens", "8192 rows", "Load the tokenizer saved with this model"),
-        model_folder("mixed", gpt2_tokenizer)),
-    Row("config-json-cut-short", finetune("--model", "cut_config"),
-        ("config.json' is not valid JSON", "copy or save the model again"), model_folder("cut_config", cut_in_half("config.json"))),
-    Row("weights-cut-short", finetune("--model", "cut_weights"),
+        model_folder("mixed", gpt2_tokenizer),
+    ),
+    Row(
+        "config-json-cut-short",
+        finetune("--model", "cut_config"),
+        ("config.json' is not valid JSON", "copy or save the model again"),
+        model_folder("cut_config", cut_in_half("config.json")),
+    ),
+    Row(
+        "weights-cut-short",
+        finetune("--model", "cut_weights"),
         ("'cut_weights' could not be loaded", "copy or save the model again"),
-        model_folder("cut_weights", cut_in_half("model.safetensors"))),
+        model_folder("cut_weights", cut_in_half("model.safetensors")),
+    ),
     Row("model-folder-missing", finetune("--model", "./no_such_model"), ("'./no_such_model'", "does not exist")),
     Row("hub-name-offline", finetune("--model", "gpt2"), ("'gpt2'", "unreachable", "--model tiny-gpt2-base")),
     # the other commands
-    Row("evaluate-missing-model", ("evaluate", "--model", "./gone", "--data", "good.jsonl"), ("'./gone'", "does not exist")),
+    Row(
+        "evaluate-missing-model",
+        ("evaluate", "--model", "./gone", "--data", "good.jsonl"),
+        ("'./gone'", "does not exist"),
+    ),
     Row("evaluate-missing-data", ("evaluate", "--data", "nope.jsonl"), ("'nope.jsonl'", "does not exist")),
-    Row("evaluate-unknown-split", ("evaluate", "--data", "drug_reviews", "--split", "valid"),
-        ("Unknown split 'valid'", "train, validation, test")),
-    Row("generate-missing-model", ("generate", "--model", "./gone", "--prompt", "Hello"), ("'./gone'", "does not exist")),
-    Row("generate-beyond-context", ("generate", "--prompt", "Hello", "--max-new-tokens", "1000"),
-        ("max_new_tokens=1000", "context of 256 tokens", "--max-new-tokens")),
-    Row("generate-temperature-zero", ("generate", "--prompt", "Hello", "--temperature", "0"),
-        ("--temperature", "must be positive")),
+    Row(
+        "evaluate-unknown-split",
+        ("evaluate", "--data", "drug_reviews", "--split", "valid"),
+        ("Unknown split 'valid'", "train, validation, test"),
+    ),
+    Row(
+        "generate-missing-model", ("generate", "--model", "./gone", "--prompt", "Hello"), ("'./gone'", "does not exist")
+    ),
+    Row(
+        "generate-beyond-context",
+        ("generate", "--prompt", "Hello", "--max-new-tokens", "1000"),
+        ("max_new_tokens=1000", "context of 256 tokens", "--max-new-tokens"),
+    ),
+    Row(
+        "generate-temperature-zero",
+        ("generate", "--prompt", "Hello", "--temperature", "0"),
+        ("--temperature", "must be positive"),
+    ),
 ]
 SUBPROCESS_ROWS = ("truncated-jsonl", "lr-negative", "weights-cut-short")
 
@@ -247,8 +392,14 @@ def test_a_real_process_exits_non_zero_without_a_traceback(row_id: str, workdir:
     row.build(workdir)
     before = tree(workdir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    result = subprocess.run([sys.executable, "-m", "gpt_helpers", *row.args], capture_output=True, text=True,
-                            cwd=workdir, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt_helpers", *row.args],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=300,
+    )
     check_refusal(row, result.returncode, result.stdout, result.stderr)
     assert tree(workdir) == before
 

@@ -20,8 +20,14 @@ FOLDER = BUNDLED["tiny-gpt2-base"]
 
 def test_loads_by_short_name_from_any_working_directory(tmp_path):
     code = "import gpt_helpers as gh; m, t = gh.load_model('tiny-gpt2-base'); print(m.config.n_positions, len(t))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["256", "8192"]
 
@@ -50,7 +56,15 @@ def test_tokenizer_round_trips_text():
 
 def test_model_card_reports_measured_numbers():
     card = (FOLDER / "README.md").read_text()
-    for needed in ("zero-shot", "from scratch", "Held-out perplexity", "public domain", "drug_reviews", "chat_logs", "python_docs"):
+    for needed in (
+        "zero-shot",
+        "from scratch",
+        "Held-out perplexity",
+        "public domain",
+        "drug_reviews",
+        "chat_logs",
+        "python_docs",
+    ):
         assert needed in card
 
 
@@ -71,8 +85,18 @@ def test_short_fine_tune_beats_the_same_budget_from_scratch():
         eval_data, _ = gh.prepare_dataset(tokenizer, eval_texts, block_size=64)
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as out:
-            config = gh.TrainingConfig(output_dir=out, max_steps=30, batch_size=8, learning_rate=1e-3, warmup_steps=3,
-                                       eval_every=30, eval_batches=None, progress=False, plot=False, save_best=False,
-                                       save_final=False)
+            config = gh.TrainingConfig(
+                output_dir=out,
+                max_steps=30,
+                batch_size=8,
+                learning_rate=1e-3,
+                warmup_steps=3,
+                eval_every=30,
+                eval_batches=None,
+                progress=False,
+                plot=False,
+                save_best=False,
+                save_final=False,
+            )
             results[name] = gh.train(model, tokenizer, train_data, eval_data, config).history.best.eval_perplexity
     assert results["pretrained"] < 0.7 * results["scratch"], results

@@ -20,9 +20,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 import pytest
@@ -38,8 +39,15 @@ LESSON = next(lesson for lesson in LESSONS if lesson.notebook == "04_fine_tune.i
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("GPT_HELPERS_CHROMIUM", "/usr/bin/chromium")
 ARTEFACTS = Path(os.environ.get("GPT_HELPERS_BROWSER_ARTEFACTS", REPO / "runs" / "browser-test"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SERVER_START_SECONDS = 90
 LESSON_SECONDS = 300
 PANEL_RUN_SECONDS = 180
@@ -89,8 +97,9 @@ class LabServer:
 
     def api(self, path: str, method: str = "GET") -> Any:
         """Call the REST API with the token; the decoded JSON answer (None when empty)."""
-        request = urllib.request.Request(f"{self.url}{path}", method=method,
-                                         headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            f"{self.url}{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -106,8 +115,10 @@ REQUIRED_ENV = "GPT_HELPERS_BROWSER_TEST"
 
 def _require_browser_tools() -> None:
     """Skip, saying what to install, when Chromium or Playwright is missing; fail instead where CI requires them."""
-    advice = ("Install it (Debian/Ubuntu: `sudo apt-get install chromium`; `pip install playwright`, no `playwright "
-              "install` needed) or point GPT_HELPERS_CHROMIUM at a Chromium binary to run it.")
+    advice = (
+        "Install it (Debian/Ubuntu: `sudo apt-get install chromium`; `pip install playwright`, no `playwright "
+        "install` needed) or point GPT_HELPERS_CHROMIUM at a Chromium binary to run it."
+    )
     missing = None
     if not Path(CHROMIUM).is_file():
         missing = f"Chromium not found at {CHROMIUM}. {advice}"
@@ -127,8 +138,13 @@ def _prepare_lesson(root: Path) -> Path:
     import papermill
 
     notebook = root / LESSON.notebook
-    papermill.execute_notebook(str(NOTEBOOKS_DIR / LESSON.notebook), str(notebook), parameters=LESSON.ci_parameters,
-                               prepare_only=True, progress_bar=False)
+    papermill.execute_notebook(
+        str(NOTEBOOKS_DIR / LESSON.notebook),
+        str(notebook),
+        parameters=LESSON.ci_parameters,
+        prepare_only=True,
+        progress_bar=False,
+    )
     node = nbformat.read(notebook, as_version=4)
     for cell in node.cells:
         if cell.cell_type == "code":
@@ -147,8 +163,9 @@ def _wait_for_server(server: LabServer) -> None:
     deadline = time.monotonic() + SERVER_START_SECONDS
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            pytest.fail(f"JupyterLab exited with code {server.process.returncode}:\n{server.log()[-4000:]}",
-                        pytrace=False)
+            pytest.fail(
+                f"JupyterLab exited with code {server.process.returncode}:\n{server.log()[-4000:]}", pytrace=False
+            )
         try:
             server.api("/api/status")
             return
@@ -194,19 +211,44 @@ def lab_server(tmp_path_factory) -> Iterator[LabServer]:
         folder.mkdir()
     (folders["config"] / "labconfig").mkdir()  # no "get notified about Jupyter news?" toast over the panel
     (folders["config"] / "labconfig" / "page_config.json").write_text(
-        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}), encoding="utf-8")
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}), encoding="utf-8"
+    )
     token, port = secrets.token_hex(24), _free_port()
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(folders["config"]), "JUPYTER_RUNTIME_DIR": str(folders["runtime"]),
-           "IPYTHONDIR": str(folders["ipython"]), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-               f"--LabApp.user_settings_dir={folders['settings']}", f"--LabApp.workspaces_dir={folders['workspaces']}",
-               "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-               *(["--allow-root"] if os.geteuid() == 0 else [])]  # CI containers often run as root
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(folders["config"]),
+        "JUPYTER_RUNTIME_DIR": str(folders["runtime"]),
+        "IPYTHONDIR": str(folders["ipython"]),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.user_settings_dir={folders['settings']}",
+        f"--LabApp.workspaces_dir={folders['workspaces']}",
+        "--LabApp.news_url=",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        *(["--allow-root"] if os.geteuid() == 0 else []),
+    ]  # CI containers often run as root
     log_path = home / "jupyterlab.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     server = LabServer(f"http://127.0.0.1:{port}", token, root, log_path, process)
     try:
         _wait_for_server(server)
@@ -222,8 +264,12 @@ def page(lab_server: LabServer, tmp_path_factory) -> Iterator[Page]:
 
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            user_data_dir=str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport=VIEWPORT)
+            user_data_dir=str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=VIEWPORT,
+        )
         try:
             context.set_default_timeout(30 * MS)
             yield context.pages[0] if context.pages else context.new_page()
@@ -271,16 +317,19 @@ def _kernel_states(server: LabServer) -> list[str]:
 
 def _prompts(page: Page) -> list[str]:
     """The execution prompt of every code cell, in order: "[3]:", "[*]:" (queued or running) or "[ ]:"."""
-    return page.eval_on_selector_all(".jp-Notebook .jp-CodeCell .jp-InputArea-prompt",
-                                     "nodes => nodes.map(n => n.textContent.trim())")
+    return page.eval_on_selector_all(
+        ".jp-Notebook .jp-CodeCell .jp-InputArea-prompt", "nodes => nodes.map(n => n.textContent.trim())"
+    )
 
 
 def _error_outputs(page: Page) -> list[str]:
     """Texts of outputs that show a Python error: a traceback, or an error line on stderr."""
     return page.eval_on_selector_all(
-        ".jp-OutputArea-output", """nodes => nodes.filter(n => /Traceback/.test(n.innerText)
+        ".jp-OutputArea-output",
+        """nodes => nodes.filter(n => /Traceback/.test(n.innerText)
             || n.dataset.mimeType === 'application/vnd.jupyter.stderr' && /^\\w+(Error|Exception): /m.test(n.innerText))
-            .map(n => n.innerText)""")
+            .map(n => n.innerText)""",
+    )
 
 
 def _lesson_finished(page: Page, server: LabServer, code_cells: int) -> bool:
@@ -308,12 +357,19 @@ def _run_lesson(page: Page, lab_server: LabServer) -> Path:
     code_cells = sum(cell.cell_type == "code" for cell in nbformat.read(notebook, as_version=4).cells)
     page.goto(f"{lab_server.url}/lab/tree/{LESSON.notebook}?token={lab_server.token}", timeout=90 * MS)
     page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=90 * MS)
-    _wait(lambda: _kernel_states(lab_server) == ["idle"], 90,
-          lambda: f"The kernel did not start and become idle: {_kernel_states(lab_server)}")
+    _wait(
+        lambda: _kernel_states(lab_server) == ["idle"],
+        90,
+        lambda: f"The kernel did not start and become idle: {_kernel_states(lab_server)}",
+    )
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu").get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    _wait(lambda: _lesson_finished(page, lab_server, code_cells), LESSON_SECONDS,
-          lambda: f"Run All Cells did not finish in {LESSON_SECONDS} s; prompts: {_prompts(page)}", poll=1.0)
+    _wait(
+        lambda: _lesson_finished(page, lab_server, code_cells),
+        LESSON_SECONDS,
+        lambda: f"Run All Cells did not finish in {LESSON_SECONDS} s; prompts: {_prompts(page)}",
+        poll=1.0,
+    )
     saved_before = notebook.stat().st_mtime_ns
     page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
     page.keyboard.press("Control+s")
@@ -328,8 +384,9 @@ def test_the_lesson_runs_in_jupyterlab_without_errors(lesson: Path, page: Page) 
     errors = [output for cell in code for output in cell.outputs if output.output_type == "error"]
     assert not errors, f"a saved output is an error: {errors[0].ename}: {errors[0].evalue}"
     assert not _error_outputs(page), "no error output in the page"
-    panel_outputs = [o for cell in code for o in cell.outputs
-                     if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    panel_outputs = [
+        o for cell in code for o in cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
     assert panel_outputs, "the panel cell displayed a live widget"
 
 
@@ -416,7 +473,9 @@ def test_stop_ends_a_long_run_cleanly(panel: Locator, page: Page, artefacts: Pat
     _press(panel, "run")
     page.wait_for_function(  # training has started and drawn this run's first curves
         "() => window.ghSnapshots.some((s) => s.progress > 0 && s.plot && s.plot !== window.ghSnapshots[0].plot)",
-        timeout=PANEL_RUN_SECONDS * MS, polling=100)
+        timeout=PANEL_RUN_SECONDS * MS,
+        polling=100,
+    )
     _press(panel, "stop")
     _wait_for_run_end(page)
 

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from gpt_helpers.chat import (
-    ChatDataset, bot_reply_spans, build_prompt, extract_reply, format_conversation, prepare_chat_dataset,
-    render_labels, tokenize_conversation,
+    ChatDataset,
+    bot_reply_spans,
+    build_prompt,
+    extract_reply,
+    format_conversation,
+    prepare_chat_dataset,
+    render_labels,
+    tokenize_conversation,
 )
 from gpt_helpers.data import load_course_dataset
 from gpt_helpers.errors import DataError
@@ -49,13 +55,16 @@ def test_build_prompt_drops_oldest_exchanges_to_fit(tokenizer):
         build_prompt([], "a long message " * 50, tokenizer=tokenizer, max_tokens=5)
 
 
-@pytest.mark.parametrize("generated, reply", [
-    (" Fine, thanks.\nUser: Good.", "Fine, thanks."),
-    (" Fine.\nBot: Another bot turn", "Fine."),
-    (" Two\nlines", "Two\nlines"),
-    ("   ", ""),
-    (" No tag at all", "No tag at all"),
-])
+@pytest.mark.parametrize(
+    "generated, reply",
+    [
+        (" Fine, thanks.\nUser: Good.", "Fine, thanks."),
+        (" Fine.\nBot: Another bot turn", "Fine."),
+        (" Two\nlines", "Two\nlines"),
+        ("   ", ""),
+        (" No tag at all", "No tag at all"),
+    ],
+)
 def test_extract_reply_stops_at_the_next_speaker_line(generated, reply):
     assert extract_reply(generated) == reply
 
@@ -109,11 +118,15 @@ def test_packed_dataset_keeps_labels_aligned_with_ids(tokenizer):
 
 
 def test_padded_dataset_masks_padding_but_keeps_eos(tokenizer):
-    data, report = prepare_chat_dataset(tokenizer, ["User: Hi\nBot: Hello!", CONVERSATION * 3], block_size=24, mode="pad")
+    data, report = prepare_chat_dataset(
+        tokenizer, ["User: Hi\nBot: Hello!", CONVERSATION * 3], block_size=24, mode="pad"
+    )
     assert report.rows_truncated == 1 and len(data) == 2
     row = data[0]
     real = int(row["attention_mask"].sum())
-    assert row["input_ids"][real - 1] == tokenizer.eos_token_id == row["labels"][real - 1]  # pad = eos, EOS still trained
+    assert (
+        row["input_ids"][real - 1] == tokenizer.eos_token_id == row["labels"][real - 1]
+    )  # pad = eos, EOS still trained
     assert (row["labels"][real:] == -100).all()
 
 

@@ -10,8 +10,16 @@ import torch
 
 from gpt_helpers import data as data_module
 from gpt_helpers.data import (
-    LMDataset, clean_text, clean_texts, load_course_dataset, load_texts, pack_blocks, pad_sequences, prepare_dataset,
-    split_texts, tokenize_texts,
+    LMDataset,
+    clean_text,
+    clean_texts,
+    load_course_dataset,
+    load_texts,
+    pack_blocks,
+    pad_sequences,
+    prepare_dataset,
+    split_texts,
+    tokenize_texts,
 )
 from gpt_helpers.errors import DataError
 
@@ -186,7 +194,7 @@ def test_unknown_course_dataset_and_split():
 
 
 def test_clean_text_unescapes_html_and_normalises_whitespace():
-    assert clean_text("  &quot;Great&quot;\t drug &amp;amp; fast&#039;  ") == "\"Great\" drug & fast'"
+    assert clean_text("  &quot;Great&quot;\t drug &amp;amp; fast&#039;  ") == '"Great" drug & fast\''
     assert clean_text("a\r\nb\rc\n\n\n\n\nd  \u00a0 e") == "a\nb\nc\n\nd e"
 
 
@@ -256,7 +264,9 @@ def test_pack_blocks_boundaries_and_left_over():
 def test_pad_mode_masks_padding_but_keeps_real_eos_label(tokenizer):
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos  # the classic GPT-2 set-up: pad = EOS
-    dataset, report = prepare_dataset(tokenizer, ["Good drug.", "It worked well for my pain."], block_size=16, mode="pad")
+    dataset, report = prepare_dataset(
+        tokenizer, ["Good drug.", "It worked well for my pain."], block_size=16, mode="pad"
+    )
     lengths = [len(row) for row in tokenize_texts(tokenizer, ["Good drug.", "It worked well for my pain."])]
     for row, length in enumerate(lengths):
         item = dataset[row]

@@ -13,9 +13,9 @@ import torch
 import gpt_helpers as gh
 from gpt_helpers import TrainingConfig, build_model_from_config, train
 from gpt_helpers.diagnostics import Diagnosis, diagnose, format_diagnosis
+from gpt_helpers.experiments import subset
 from gpt_helpers.history import History
 from gpt_helpers.models import tiny_gpt2_config
-from gpt_helpers.experiments import subset
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,27 @@ def setup():
 def run(setup, tmp_path, *, n_embd: int = 32, data=None, callbacks=(), **settings) -> History:
     tokenizer, train_data, eval_data = setup
     model = build_model_from_config(tiny_gpt2_config(vocab_size=len(tokenizer), n_embd=n_embd, n_layer=2, n_head=2))
-    config = dict(output_dir=str(tmp_path / "run"), batch_size=8, eval_every=10, eval_batches=4, log_every=5,
-                  warmup_steps=0, save_best=False, save_final=False, plot=False, progress=False)
+    config = dict(
+        output_dir=str(tmp_path / "run"),
+        batch_size=8,
+        eval_every=10,
+        eval_batches=4,
+        log_every=5,
+        warmup_steps=0,
+        save_best=False,
+        save_final=False,
+        plot=False,
+        progress=False,
+    )
     config.update(settings)
-    return train(model, tokenizer, train_data if data is None else data, eval_data, TrainingConfig(**config),
-                 callbacks=list(callbacks)).history
+    return train(
+        model,
+        tokenizer,
+        train_data if data is None else data,
+        eval_data,
+        TrainingConfig(**config),
+        callbacks=list(callbacks),
+    ).history
 
 
 def problems(findings: list[Diagnosis]) -> list[str]:
@@ -58,14 +74,18 @@ def test_underfitting_with_a_tiny_learning_rate(setup, tmp_path):
 
 
 def test_divergence_with_a_huge_learning_rate(setup, tmp_path):
-    history = run(setup, tmp_path, learning_rate=0.9, max_grad_norm=None, lr_schedule="constant", max_steps=12, log_every=1)
+    history = run(
+        setup, tmp_path, learning_rate=0.9, max_grad_norm=None, lr_schedule="constant", max_steps=12, log_every=1
+    )
     findings = diagnose(history)
     assert problems(findings) == ["divergence"] and findings[0].severity == "error"
     assert findings[0].step <= 3 and "learning_rate=9.0e-02" in findings[0].advice
 
 
 def test_divergence_caught_by_the_uniform_guess_bound_when_logging_is_coarse(setup, tmp_path):
-    history = run(setup, tmp_path, learning_rate=0.9, max_grad_norm=None, lr_schedule="constant", max_steps=10, log_every=5)
+    history = run(
+        setup, tmp_path, learning_rate=0.9, max_grad_norm=None, lr_schedule="constant", max_steps=10, log_every=5
+    )
     findings = diagnose(history, vocab_size=len(setup[0]))
     assert problems(findings) == ["divergence"] and "worse than guessing" in findings[0].evidence
 
@@ -128,8 +148,10 @@ def test_single_bad_batch_is_not_divergence():
 
 
 def test_format_diagnosis_prints_every_finding():
-    findings = [Diagnosis("overfitting", "warning", 40, "validation rose", "stop at 40"),
-                Diagnosis("noisy loss", "info", None, "swings", "larger batch")]
+    findings = [
+        Diagnosis("overfitting", "warning", 40, "validation rose", "stop at 40"),
+        Diagnosis("noisy loss", "info", None, "swings", "larger batch"),
+    ]
     text = format_diagnosis(findings)
     assert text.splitlines()[0] == "[warning] overfitting (from step 40): validation rose"
     assert "→ larger batch" in text and text.count("[") == 2

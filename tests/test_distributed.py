@@ -33,8 +33,20 @@ def _setup(block_size: int = 32):
 
 
 def _config(out: str, batch_size: int) -> gh.TrainingConfig:
-    return gh.TrainingConfig(output_dir=out, max_steps=STEPS, batch_size=batch_size, learning_rate=3e-3, warmup_steps=0,
-                             eval_every=2, save_every=2, progress=False, plot=False, save_best=True, seed=11, device="cpu")
+    return gh.TrainingConfig(
+        output_dir=out,
+        max_steps=STEPS,
+        batch_size=batch_size,
+        learning_rate=3e-3,
+        warmup_steps=0,
+        eval_every=2,
+        save_every=2,
+        progress=False,
+        plot=False,
+        save_best=True,
+        seed=11,
+        device="cpu",
+    )
 
 
 def _two_process_worker():
@@ -42,12 +54,23 @@ def _two_process_worker():
     writes = []
     for name in ("save_checkpoint", "save_model_folder"):
         original = getattr(checkpoints, name)
-        setattr(checkpoints, name, lambda *a, _original=original, _name=name, **k: writes.append(_name) or _original(*a, **k))
+        setattr(
+            checkpoints,
+            name,
+            lambda *a, _original=original, _name=name, **k: writes.append(_name) or _original(*a, **k),
+        )
     model, tokenizer, data = _setup()
     result = gh.train(model, tokenizer, data, data, _config(out, batch_size=4))
     rank = PartialState().process_index
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"processes": result.history.info["processes"], "writes": writes,
-                                                         "final_loss": result.history.final.train_loss}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "processes": result.history.info["processes"],
+                "writes": writes,
+                "final_loss": result.history.final.train_loss,
+            }
+        )
+    )
 
 
 def test_two_processes_match_one_process(tmp_path):

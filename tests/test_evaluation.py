@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
 
 from gpt_helpers import evaluate, generate, prepare_dataset
 from gpt_helpers.errors import GPTHelpersError
+
+from conftest import make_tiny_gpt2, make_tiny_llama
 
 TEXTS = [
     "Great medicine.",
@@ -120,6 +121,11 @@ def test_empty_prompt_starts_from_eos(tokenizer):
     model = make_tiny_gpt2(tokenizer, seed=5)
     from_empty = generate(model, tokenizer, ["", "I took it for"], max_new_tokens=5, do_sample=False)
     eos_prompt = torch.tensor([[tokenizer.eos_token_id]])
-    expected = model.generate(eos_prompt, attention_mask=torch.ones_like(eos_prompt), max_new_tokens=5, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(
+        eos_prompt,
+        attention_mask=torch.ones_like(eos_prompt),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert from_empty[0] == tokenizer.decode(expected[0, 1:], skip_special_tokens=True) != ""

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, quick_config
 from safetensors.torch import load_file
 
 import gpt_helpers as gh
 from gpt_helpers import checkpoints
 from gpt_helpers.errors import CheckpointError, ConfigError, TrainingError
 from gpt_helpers.strategies import apply_lora
+
+from conftest import make_tiny_gpt2, quick_config
 
 # One run of a strategy, driven by environment variables: uninterrupted, killed at a step, or resumed.
 RUN = textwrap.dedent("""
@@ -69,10 +70,18 @@ RUN = textwrap.dedent("""
 
 
 def start(out: Path, **env: str) -> subprocess.Popen:
-    environment = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-                   "STEPS": "8", **env}
-    return subprocess.Popen([sys.executable, "-c", RUN], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    environment = {
+        **os.environ,
+        "OUT": str(out),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "STEPS": "8",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[str, str]:
@@ -139,8 +148,11 @@ def test_a_killed_run_resumes_to_the_same_weights_optimizer_and_history(strategy
     assert records(killed) == records(whole)
     if strategy == "lora":
         assert all("lora_" in name for name in expected_weights), "a LoRA checkpoint holds the adapters only"
-        assert_same_tensors(load_file(whole / "merged" / "model.safetensors"),
-                            load_file(killed / "merged" / "model.safetensors"), "merged")
+        assert_same_tensors(
+            load_file(whole / "merged" / "model.safetensors"),
+            load_file(killed / "merged" / "model.safetensors"),
+            "merged",
+        )
 
 
 def test_resuming_lora_on_another_base_model_is_refused(tmp_path, tokenizer, drug_reviews):
@@ -180,8 +192,9 @@ def test_an_interrupt_inside_a_notebook_returns_the_partial_result(tokenizer, dr
             if state.step == 3:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    result = gh.train(make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path, max_steps=10),
-                      callbacks=[CtrlC()])
+    result = gh.train(
+        make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path, max_steps=10), callbacks=[CtrlC()]
+    )
     assert result.stop_reason.startswith("interrupted (Ctrl-C) after step 3") and result.history.final.step == 3
     assert result.last_checkpoint.name == "step-000003" and "resume=True" in str(result)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
@@ -194,18 +207,32 @@ def test_a_stopped_run_without_save_every_still_leaves_a_resumable_checkpoint(to
         def on_step_end(self, state):
             state.stop_requested = state.stop_requested or state.step == 5
 
-    whole = gh.train(make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, data, None, quick_config(tmp_path / "a", max_steps=8))
-    stopped = gh.train(make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, data, None, quick_config(tmp_path / "b", max_steps=8),
-                       callbacks=[StopAt5()])
+    whole = gh.train(
+        make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, data, None, quick_config(tmp_path / "a", max_steps=8)
+    )
+    stopped = gh.train(
+        make_tiny_gpt2(tokenizer, dropout=0.1),
+        tokenizer,
+        data,
+        None,
+        quick_config(tmp_path / "b", max_steps=8),
+        callbacks=[StopAt5()],
+    )
     assert stopped.last_checkpoint.name == "step-000005"
-    resumed = gh.train(make_tiny_gpt2(tokenizer, dropout=0.1, seed=4), tokenizer, data, None,
-                       quick_config(tmp_path / "b", max_steps=8, resume=True))
+    resumed = gh.train(
+        make_tiny_gpt2(tokenizer, dropout=0.1, seed=4),
+        tokenizer,
+        data,
+        None,
+        quick_config(tmp_path / "b", max_steps=8, resume=True),
+    )
     assert_same_tensors(whole.model.state_dict(), resumed.model.state_dict())
 
 
 # ------------------------------------------------------------------------------------------ 3. a full disk
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_what_to_free(tokenizer, drug_reviews, tmp_path,
-                                                                                      monkeypatch):
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_what_to_free(
+    tokenizer, drug_reviews, tmp_path, monkeypatch
+):
     data, _ = gh.prepare_dataset(tokenizer, drug_reviews["train"][:40], block_size=32)
     real_save, calls = torch.save, []
 
@@ -241,7 +268,9 @@ def test_a_full_disk_while_saving_the_best_model_keeps_the_earlier_one(tokenizer
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(type(first.model), "save_pretrained", full)
-    with pytest.raises(CheckpointError, match="Could not write the model folder.*best.*No space left.*earlier best/ is intact"):
+    with pytest.raises(
+        CheckpointError, match="Could not write the model folder.*best.*No space left.*earlier best/ is intact"
+    ):
         gh.train(make_tiny_gpt2(tokenizer), tokenizer, data, data, config.replace(output_dir=str(tmp_path / "run")))
     assert_same_tensors(best_before, load_file(first.best_dir / "model.safetensors"))
     assert not list((tmp_path / "run").glob(".tmp-*"))
@@ -252,14 +281,22 @@ def test_a_full_disk_while_saving_the_best_model_keeps_the_earlier_one(tokenizer
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, tokenizer, drug_reviews, tmp_path, caplog):
     data, _ = gh.prepare_dataset(tokenizer, drug_reviews["train"][:40], block_size=32)
     common = dict(max_steps=12, save_every=4, keep_last=3, log_every=2)
-    whole = gh.train(make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, data, None, quick_config(tmp_path / "whole", **common))
+    whole = gh.train(
+        make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, data, None, quick_config(tmp_path / "whole", **common)
+    )
 
     class StopAt8:
         def on_step_end(self, state):
             state.stop_requested = state.stop_requested or state.step == 8
 
-    gh.train(make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, data, None, quick_config(tmp_path / "run", **common),
-             callbacks=[StopAt8()])
+    gh.train(
+        make_tiny_gpt2(tokenizer, dropout=0.1),
+        tokenizer,
+        data,
+        None,
+        quick_config(tmp_path / "run", **common),
+        callbacks=[StopAt8()],
+    )
     newest = tmp_path / "run" / "run" / "checkpoints" / "step-000008"
     target = newest / (checkpoints.WEIGHTS_FILE if damage == "truncated" else checkpoints.TENSOR_STATE_FILE)
     data_bytes = bytearray(target.read_bytes())
@@ -269,8 +306,13 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, toke
         data_bytes[len(data_bytes) // 2] ^= 0x01
         target.write_bytes(bytes(data_bytes))
     with caplog.at_level("WARNING", logger="gpt_helpers"):
-        resumed = gh.train(make_tiny_gpt2(tokenizer, dropout=0.1, seed=3), tokenizer, data, None,
-                           quick_config(tmp_path / "run", resume=True, **common))
+        resumed = gh.train(
+            make_tiny_gpt2(tokenizer, dropout=0.1, seed=3),
+            tokenizer,
+            data,
+            None,
+            quick_config(tmp_path / "run", resume=True, **common),
+        )
     warnings = caplog.text
     assert "step-000008" in warnings and ("cut short" in warnings if damage == "truncated" else "checksum" in warnings)
     assert "Resuming from step-000004 instead" in warnings
@@ -287,9 +329,14 @@ def checkpointed(tokenizer, drug_reviews, tmp_path):
     return data, config.replace(resume=True)
 
 
-@pytest.mark.parametrize("change, fields", [({"batch_size": 2}, "batch_size=4 (now 2)"),
-                                            ({"learning_rate": 5e-4}, "learning_rate=0.001 (now 0.0005)"),
-                                            ({"seed": 1}, "seed=0 (now 1)")])
+@pytest.mark.parametrize(
+    "change, fields",
+    [
+        ({"batch_size": 2}, "batch_size=4 (now 2)"),
+        ({"learning_rate": 5e-4}, "learning_rate=0.001 (now 0.0005)"),
+        ({"seed": 1}, "seed=0 (now 1)"),
+    ],
+)
 def test_resuming_with_other_optimisation_settings_is_refused_naming_them(change, fields, checkpointed, tokenizer):
     data, config = checkpointed
     with pytest.raises(ConfigError, match="other training settings") as caught:
@@ -314,20 +361,41 @@ def test_more_steps_on_resume_need_the_users_word(checkpointed, tokenizer):
     data, config = checkpointed
     with pytest.raises(ConfigError, match="max_steps=4 \\(now 8\\).*allow_config_change=True"):
         gh.train(make_tiny_gpt2(tokenizer), tokenizer, data, None, config.replace(max_steps=8))
-    result = gh.train(make_tiny_gpt2(tokenizer), tokenizer, data, None,
-                      config.replace(max_steps=8, eval_every=3, allow_config_change=True))
-    assert result.history.final.step == 8 and result.history.info["resume_changes"] == ["eval_every: 1000 -> 3",
-                                                                                      "max_steps: 4 -> 8"]
+    result = gh.train(
+        make_tiny_gpt2(tokenizer),
+        tokenizer,
+        data,
+        None,
+        config.replace(max_steps=8, eval_every=3, allow_config_change=True),
+    )
+    assert result.history.final.step == 8 and result.history.info["resume_changes"] == [
+        "eval_every: 1000 -> 3",
+        "max_steps: 4 -> 8",
+    ]
 
 
 def test_the_cli_refuses_a_resume_with_another_batch_size(tmp_path):
     from test_cli import run_cli
 
     data = tmp_path / "notes.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"Note {i}: the parcel came late and the box was fine."})
-                              for i in range(80)), encoding="utf-8")
-    args = ["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2", "--block-size", "16",
-            "--save-every", "1", "--no-progress"]
+    data.write_text(
+        "\n".join(json.dumps({"text": f"Note {i}: the parcel came late and the box was fine."}) for i in range(80)),
+        encoding="utf-8",
+    )
+    args = [
+        "finetune",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--block-size",
+        "16",
+        "--save-every",
+        "1",
+        "--no-progress",
+    ]
     assert run_cli(*args, "--batch-size", "4").returncode == 0
     refused = run_cli(*args, "--batch-size", "8", "--resume")
     assert refused.returncode == 2 and "batch_size=4 (now 8)" in refused.stderr and "Traceback" not in refused.stderr

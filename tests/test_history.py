@@ -13,11 +13,25 @@ from gpt_helpers.errors import GPTHelpersError
 def _history() -> History:
     history = History(info={"device": "cpu", "parameters": 1234})
     for step in range(1, 7):
-        history.log(step=step, epoch=step / 6, tokens_seen=128 * step, learning_rate=1e-3 / step,
-                    train_loss=5.0 - 0.3 * step + 1e-9 * step, tokens_per_second=1000.0 + step, elapsed_seconds=0.1 * step)
+        history.log(
+            step=step,
+            epoch=step / 6,
+            tokens_seen=128 * step,
+            learning_rate=1e-3 / step,
+            train_loss=5.0 - 0.3 * step + 1e-9 * step,
+            tokens_per_second=1000.0 + step,
+            elapsed_seconds=0.1 * step,
+        )
         if step % 3 == 0:
-            history.log(step=step, epoch=step / 6, tokens_seen=128 * step, learning_rate=1e-3 / step,
-                        eval_loss=4.5 - 0.1 * step, eval_perplexity=math.exp(4.5 - 0.1 * step), elapsed_seconds=0.1 * step)
+            history.log(
+                step=step,
+                epoch=step / 6,
+                tokens_seen=128 * step,
+                learning_rate=1e-3 / step,
+                eval_loss=4.5 - 0.1 * step,
+                eval_perplexity=math.exp(4.5 - 0.1 * step),
+                elapsed_seconds=0.1 * step,
+            )
     return history
 
 

@@ -12,7 +12,12 @@ from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 from gpt_helpers import ConfigError, ModelLoadError, TrainingConfig, build_model_from_config, train
 from gpt_helpers.data import LMDataset
 from gpt_helpers.memory import (
-    GPUS, estimate_training_memory, family_table_markdown, format_bytes, gpt2_family_table, measure_peak_memory,
+    GPUS,
+    estimate_training_memory,
+    family_table_markdown,
+    format_bytes,
+    gpt2_family_table,
+    measure_peak_memory,
 )
 from gpt_helpers.strategies import apply_lora, freeze
 
@@ -30,25 +35,65 @@ def fresh_accelerator():
 
 
 def small_config(dropout: float = 0.0) -> GPT2Config:
-    return GPT2Config(vocab_size=2048, n_positions=SEQ, n_embd=64, n_layer=3, n_head=2, resid_pdrop=dropout,
-                      embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    return GPT2Config(
+        vocab_size=2048,
+        n_positions=SEQ,
+        n_embd=64,
+        n_layer=3,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def small_llama() -> LlamaConfig:
     """Grouped-query attention (4 query, 2 key-value heads), gated MLP, RMSNorm, untied head."""
-    return LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
 
 
-def measured_training_peak(config, batch_size: int, *, mode: str = "full", precision: str = "fp32",
-                           gradient_checkpointing: bool = False, device: str = "cpu", seq_len: int = SEQ,
-                           make_model=None) -> int:
+def measured_training_peak(
+    config,
+    batch_size: int,
+    *,
+    mode: str = "full",
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    device: str = "cpu",
+    seq_len: int = SEQ,
+    make_model=None,
+) -> int:
     """Peak tensor memory of building the model and three steps of ``train`` (optimizer state exists from step 2)."""
-    data = LMDataset(torch.randint(0, config.vocab_size, (3 * batch_size, seq_len), generator=torch.Generator().manual_seed(0)))
-    settings = TrainingConfig(output_dir=tempfile.mkdtemp(prefix="gpt-helpers-memory-"), max_steps=3, batch_size=batch_size,
-                              eval_every=100, log_every=1, warmup_steps=0, save_best=False, save_final=False, plot=False,
-                              progress=False, precision=precision, gradient_checkpointing=gradient_checkpointing,
-                              device=device, compile=False)
+    data = LMDataset(
+        torch.randint(0, config.vocab_size, (3 * batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    )
+    settings = TrainingConfig(
+        output_dir=tempfile.mkdtemp(prefix="gpt-helpers-memory-"),
+        max_steps=3,
+        batch_size=batch_size,
+        eval_every=100,
+        log_every=1,
+        warmup_steps=0,
+        save_best=False,
+        save_final=False,
+        plot=False,
+        progress=False,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device,
+        compile=False,
+    )
 
     def run() -> None:
         model = make_model() if make_model else build_model_from_config(config)
@@ -69,25 +114,45 @@ def test_estimate_matches_measured_peak_at_two_batch_sizes(batch_size):
     assert abs(ratio - 1) < TOLERANCE, f"estimate {format_bytes(estimate.total)} vs measured {format_bytes(measured)}"
 
 
-@pytest.mark.parametrize("mode, checkpointing, dropout", [("lora", False, 0.0), ("frozen", False, 0.0),
-                                                          ("full", True, 0.0), ("full", False, 0.1)])
+@pytest.mark.parametrize(
+    "mode, checkpointing, dropout",
+    [("lora", False, 0.0), ("frozen", False, 0.0), ("full", True, 0.0), ("full", False, 0.1)],
+)
 def test_estimate_matches_measured_peak_for_each_setup(mode, checkpointing, dropout):
     config = small_config(dropout)
     measured = measured_training_peak(config, 8, mode=mode, gradient_checkpointing=checkpointing)
-    estimate = estimate_training_memory(config, batch_size=8, seq_len=SEQ, mode=mode, device="cpu",
-                                        gradient_checkpointing=checkpointing)
+    estimate = estimate_training_memory(
+        config, batch_size=8, seq_len=SEQ, mode=mode, device="cpu", gradient_checkpointing=checkpointing
+    )
     ratio = estimate.total / measured
     assert abs(ratio - 1) < TOLERANCE, f"estimate {format_bytes(estimate.total)} vs measured {format_bytes(measured)}"
 
 
-@pytest.mark.parametrize("mode, precision, checkpointing", [
-    ("full", "fp32", False), ("full", "bf16", False), ("full", "fp32", True), ("lora", "fp32", False),
-    ("lora", "bf16", False), ("frozen", "fp32", False), ("frozen", "bf16", False)])
+@pytest.mark.parametrize(
+    "mode, precision, checkpointing",
+    [
+        ("full", "fp32", False),
+        ("full", "bf16", False),
+        ("full", "fp32", True),
+        ("lora", "fp32", False),
+        ("lora", "bf16", False),
+        ("frozen", "fp32", False),
+        ("frozen", "bf16", False),
+    ],
+)
 def test_llama_estimate_matches_measured_peak(mode, precision, checkpointing):
-    measured = measured_training_peak(small_llama(), 8, mode=mode, precision=precision,
-                                      gradient_checkpointing=checkpointing)
-    estimate = estimate_training_memory(small_llama(), batch_size=8, seq_len=SEQ, mode=mode, precision=precision,
-                                        gradient_checkpointing=checkpointing, device="cpu")
+    measured = measured_training_peak(
+        small_llama(), 8, mode=mode, precision=precision, gradient_checkpointing=checkpointing
+    )
+    estimate = estimate_training_memory(
+        small_llama(),
+        batch_size=8,
+        seq_len=SEQ,
+        mode=mode,
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+        device="cpu",
+    )
     assert abs(estimate.total / measured - 1) < TOLERANCE, f"{format_bytes(estimate.total)} vs {format_bytes(measured)}"
 
 
@@ -97,15 +162,18 @@ def test_real_model_estimate_matches_measured_peak(mode, precision, real_model):
     import copy
 
     model, _ = real_model
-    measured = measured_training_peak(model.config, 2, mode=mode, precision=precision, make_model=lambda: copy.deepcopy(model))
+    measured = measured_training_peak(
+        model.config, 2, mode=mode, precision=precision, make_model=lambda: copy.deepcopy(model)
+    )
     estimate = estimate_training_memory(model, batch_size=2, seq_len=SEQ, mode=mode, precision=precision, device="cpu")
     assert abs(estimate.total / measured - 1) < 0.15, f"{format_bytes(estimate.total)} vs {format_bytes(measured)}"
 
 
 def test_frozen_base_precision_shrinks_lora_weights():
     def lora(base: str):
-        return estimate_training_memory("HuggingFaceTB/SmolLM2-360M", batch_size=4, seq_len=512, precision="bf16",
-                                        mode="lora", base_precision=base)
+        return estimate_training_memory(
+            "HuggingFaceTB/SmolLM2-360M", batch_size=4, seq_len=512, precision="bf16", mode="lora", base_precision=base
+        )
 
     fp32, bf16, nf4 = lora("fp32"), lora("bf16"), lora("4bit")
     assert fp32.weights > bf16.weights > nf4.weights and fp32.activations == nf4.activations
@@ -157,8 +225,13 @@ def test_estimate_accepts_model_config_and_bundled_name():
 def test_family_table_counts_parameters_and_fits_gpus():
     rows = gpt2_family_table(batch_size=8, seq_len=1024, precision="bf16")
     params = {row["model"]: row["parameters"] for row in rows}
-    assert params == {"distilgpt2": 81_912_576, "gpt2": 124_439_808, "gpt2-medium": 354_823_168,
-                      "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    assert params == {
+        "distilgpt2": 81_912_576,
+        "gpt2": 124_439_808,
+        "gpt2-medium": 354_823_168,
+        "gpt2-large": 774_030_080,
+        "gpt2-xl": 1_557_611_200,
+    }
     for row in rows:
         assert row["disk_fp32"] == 2 * row["disk_fp16"] == 4 * row["parameters"]
         assert row["full"].total > row["lora"].total and row["full"].total > row["frozen"].total
@@ -184,8 +257,13 @@ def test_bad_requests_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match="precision"):
         estimate_training_memory("gpt2", batch_size=1, seq_len=8, precision="fp8")
     with pytest.raises(ConfigError, match="GPT-2 and Llama-family"):
-        estimate_training_memory(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                               intermediate_size=64, vocab_size=64), batch_size=1, seq_len=8)
+        estimate_training_memory(
+            GPTNeoXConfig(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64
+            ),
+            batch_size=1,
+            seq_len=8,
+        )
     with pytest.raises(ConfigError, match="base_precision"):
         estimate_training_memory("gpt2", batch_size=1, seq_len=8, base_precision="4bit")
     with pytest.raises(ModelLoadError, match="offline"):

@@ -7,26 +7,60 @@ import pytest
 from gpt_helpers.errors import GPTHelpersError
 from gpt_helpers.history import History
 from gpt_helpers.model_card import (
-    model_card, parse_model_card, read_model_card, training_summary, write_model_card,
+    model_card,
+    parse_model_card,
+    read_model_card,
+    training_summary,
+    write_model_card,
 )
 from gpt_helpers.models import tiny_gpt2_config
 
 
 @pytest.fixture
 def history():
-    h = History(info={"device": "cpu", "precision": "fp32", "parameters": 1_874_688, "global_batch_size": 16,
-                      "stop_reason": "reached 40 steps",
-                      "config": {"learning_rate": 1e-3, "lr_schedule": "cosine", "warmup_steps": 10, "seed": 0}})
-    h.log(step=20, epoch=1.2, tokens_seen=9_000, learning_rate=1e-3, train_loss=4.0, eval_loss=4.5,
-          eval_perplexity=math.exp(4.5), elapsed_seconds=10.0)
-    h.log(step=40, epoch=2.4, tokens_seen=18_000, learning_rate=1e-4, train_loss=3.5, eval_loss=4.7,
-          eval_perplexity=math.exp(4.7), elapsed_seconds=20.5)
+    h = History(
+        info={
+            "device": "cpu",
+            "precision": "fp32",
+            "parameters": 1_874_688,
+            "global_batch_size": 16,
+            "stop_reason": "reached 40 steps",
+            "config": {"learning_rate": 1e-3, "lr_schedule": "cosine", "warmup_steps": 10, "seed": 0},
+        }
+    )
+    h.log(
+        step=20,
+        epoch=1.2,
+        tokens_seen=9_000,
+        learning_rate=1e-3,
+        train_loss=4.0,
+        eval_loss=4.5,
+        eval_perplexity=math.exp(4.5),
+        elapsed_seconds=10.0,
+    )
+    h.log(
+        step=40,
+        epoch=2.4,
+        tokens_seen=18_000,
+        learning_rate=1e-4,
+        train_loss=3.5,
+        eval_loss=4.7,
+        eval_perplexity=math.exp(4.7),
+        elapsed_seconds=20.5,
+    )
     return h
 
 
 def card(history=None, **changes):
-    options = dict(model_name="tiny-chatbot", base_model="tiny-gpt2-base", dataset="chat_logs", history=history,
-                   license="bsd-3-clause", dataset_license="BSD 3-Clause", dataset_attribution="Copyright (c) 2017, Gunther Cox")
+    options = dict(
+        model_name="tiny-chatbot",
+        base_model="tiny-gpt2-base",
+        dataset="chat_logs",
+        history=history,
+        license="bsd-3-clause",
+        dataset_license="BSD 3-Clause",
+        dataset_attribution="Copyright (c) 2017, Gunther Cox",
+    )
     return model_card(**{**options, **changes})
 
 
@@ -54,13 +88,27 @@ def test_card_metadata_is_valid_yaml_for_a_hub(history):
 
 
 def test_card_body_holds_the_run_numbers_and_licences(history):
-    _, body = parse_model_card(card(history, evaluation={"test perplexity (bot replies)": 77.25},
-                                    model_config=tiny_gpt2_config()))
-    for expected in ("## Intended use", "## Limitations", "## Training data", "## Training procedure", "## Evaluation",
-                     "## How to use", "## Licence", "| Optimizer steps | 40 |", "| … at step | 20 |",
-                     f"| Best validation perplexity during training | {math.exp(4.5):.4g} |",
-                     "| test perplexity (bot replies) | 77.25 |", "| Context length (tokens) | 64 |",
-                     "BSD 3-Clause", "Gunther Cox", "`tiny-gpt2-base`", 'pipeline("text-generation", model="tiny-chatbot")'):
+    _, body = parse_model_card(
+        card(history, evaluation={"test perplexity (bot replies)": 77.25}, model_config=tiny_gpt2_config())
+    )
+    for expected in (
+        "## Intended use",
+        "## Limitations",
+        "## Training data",
+        "## Training procedure",
+        "## Evaluation",
+        "## How to use",
+        "## Licence",
+        "| Optimizer steps | 40 |",
+        "| … at step | 20 |",
+        f"| Best validation perplexity during training | {math.exp(4.5):.4g} |",
+        "| test perplexity (bot replies) | 77.25 |",
+        "| Context length (tokens) | 64 |",
+        "BSD 3-Clause",
+        "Gunther Cox",
+        "`tiny-gpt2-base`",
+        'pipeline("text-generation", model="tiny-chatbot")',
+    ):
         assert expected in body, expected
 
 
@@ -70,9 +118,15 @@ def test_card_without_history_has_no_made_up_numbers():
 
 
 def test_card_hub_base_model_and_extra_sections():
-    metadata, body = parse_model_card(card(None, base_model="openai-community/gpt2", tags=["chatbot"],
-                                           extra_sections={"Bias and risks": "Learns the corpus' jokes."},
-                                           limitations="Only one."))
+    metadata, body = parse_model_card(
+        card(
+            None,
+            base_model="openai-community/gpt2",
+            tags=["chatbot"],
+            extra_sections={"Bias and risks": "Learns the corpus' jokes."},
+            limitations="Only one.",
+        )
+    )
     assert metadata["base_model"] == "openai-community/gpt2" and "chatbot" in metadata["tags"]
     assert "## Bias and risks\n\nLearns the corpus' jokes." in body and "- Only one." in body
 
@@ -85,7 +139,9 @@ def test_card_refuses_missing_fields():
 
 
 def test_write_and_read_round_trip(tmp_path, history):
-    path = write_model_card(tmp_path / "model", **{"model_name": "m", "base_model": "b", "dataset": "d", "history": history})
+    path = write_model_card(
+        tmp_path / "model", **{"model_name": "m", "base_model": "b", "dataset": "d", "history": history}
+    )
     assert path == tmp_path / "model" / "README.md"
     metadata, body = read_model_card(tmp_path / "model")
     assert (metadata, body) == parse_model_card(path.read_text(encoding="utf-8"))

@@ -6,11 +6,12 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
 
 from gpt_helpers import BUNDLED, count_parameters, load_model, load_tokenizer
 from gpt_helpers.errors import ModelLoadError
 from gpt_helpers.models import build_model_from_config, gpt2_family_config, tiny_gpt2_config
+
+from conftest import make_tiny_gpt2, make_tiny_llama
 
 
 def test_load_bundled_model_by_short_name():

@@ -45,24 +45,40 @@ CHECK_TAG = "nbval-check-output"
 def _nbval(*notebooks: Path, cwd: Path) -> subprocess.CompletedProcess:
     """Run nbval in lax mode: every cell must run; cells tagged ``nbval-check-output`` must reproduce their outputs."""
     env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}  # the inline backend, as saved
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                           *map(str, notebooks)], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", *map(str, notebooks)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=900,
+    )
 
 
 def test_committed_outputs_are_reproduced_where_deterministic():
-    checked = [NOTEBOOKS_DIR / lesson.notebook for lesson in LESSONS
-               if any(CHECK_TAG in cell.metadata.get("tags", [])
-                      for cell in nbformat.read(NOTEBOOKS_DIR / lesson.notebook, as_version=4).cells)]
+    checked = [
+        NOTEBOOKS_DIR / lesson.notebook
+        for lesson in LESSONS
+        if any(
+            CHECK_TAG in cell.metadata.get("tags", [])
+            for cell in nbformat.read(NOTEBOOKS_DIR / lesson.notebook, as_version=4).cells
+        )
+    ]
     assert len(checked) >= 3, "lessons 00-02 tag their deterministic cells with nbval-check-output"
     result = _nbval(*checked, cwd=NOTEBOOKS_DIR)
     assert result.returncode == 0, result.stdout[-4000:]
 
 
 def test_nbval_check_fails_on_a_changed_output(tmp_path):
-    cell = nbformat.v4.new_code_cell("print(6 * 7)", metadata={"tags": [CHECK_TAG]}, execution_count=1,
-                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text="41\n")])
-    notebook = nbformat.v4.new_notebook(cells=[cell], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                               "language": "python"}})
+    cell = nbformat.v4.new_code_cell(
+        "print(6 * 7)",
+        metadata={"tags": [CHECK_TAG]},
+        execution_count=1,
+        outputs=[nbformat.v4.new_output("stream", name="stdout", text="41\n")],
+    )
+    notebook = nbformat.v4.new_notebook(
+        cells=[cell], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
     nbformat.write(notebook, tmp_path / "stale.ipynb")
     result = _nbval(tmp_path / "stale.ipynb", cwd=tmp_path)
     assert result.returncode != 0 and "41" in result.stdout and "42" in result.stdout, result.stdout[-2000:]

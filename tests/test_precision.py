@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, quick_config
 
-from gpt_helpers import prepare_dataset, train
 from gpt_helpers import precision as precision_module
+from gpt_helpers import prepare_dataset, train
 from gpt_helpers.errors import ConfigError
 from gpt_helpers.precision import choose_precision
+
+from conftest import make_tiny_gpt2, quick_config
 
 
 def timings(fp32: float, bf16: float):
@@ -42,7 +43,9 @@ def test_a_run_reports_its_precision_and_why(tokenizer, drug_reviews, tmp_path, 
     monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: ["avx512_bf16"])
     monkeypatch.setattr("gpt_helpers.training.measured_bf16_speedup", lambda model, batch: 3.0)
     data, _ = prepare_dataset(tokenizer, drug_reviews["train"][:20], block_size=32)
-    result = train(make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path, max_steps=1, precision="auto"))
+    result = train(
+        make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path, max_steps=1, precision="auto")
+    )
     assert result.history.info["precision"] == "bf16" and "3.00×" in result.history.info["precision_reason"]
 
 
@@ -57,12 +60,14 @@ def test_the_probe_leaves_weights_random_state_and_gradients_alone(tokenizer, dr
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_the_measured_speedup_is_remembered_for_the_same_model_and_machine(tokenizer, drug_reviews, tmp_path,
-                                                                          monkeypatch):
+def test_the_measured_speedup_is_remembered_for_the_same_model_and_machine(
+    tokenizer, drug_reviews, tmp_path, monkeypatch
+):
     monkeypatch.setenv("GPT_HELPERS_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(precision_module, "probe_step_seconds",
-                        lambda model, batch, p: calls.append(p) or {"fp32": 2.0, "bf16": 1.0}[p])
+    monkeypatch.setattr(
+        precision_module, "probe_step_seconds", lambda model, batch, p: calls.append(p) or {"fp32": 2.0, "bf16": 1.0}[p]
+    )
     data, _ = prepare_dataset(tokenizer, drug_reviews["train"][:20], block_size=32)
     model = make_tiny_gpt2(tokenizer)
     assert precision_module.measured_bf16_speedup(model, data[:1]) == 2.0 and len(calls) == 6
@@ -80,7 +85,9 @@ def test_a_few_bf16_steps_track_fp32(tokenizer, drug_reviews, tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
         config = quick_config(tmp_path / precision, max_steps=12, batch_size=8, learning_rate=1e-2, precision=precision)
-        runs[precision] = train(make_tiny_gpt2(tokenizer, seed=3), tokenizer, data, None, config).history.column("train_loss")[1]
+        runs[precision] = train(make_tiny_gpt2(tokenizer, seed=3), tokenizer, data, None, config).history.column(
+            "train_loss"
+        )[1]
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert fp32[-1] < fp32[0] - 0.5  # the run learns much more than the differences below
     for a, b in zip(fp32, bf16):

@@ -62,8 +62,17 @@ RUN = textwrap.dedent(f"""
 
 
 def run(out: Path, **env: str) -> subprocess.Popen:
-    environment = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **env}
-    return subprocess.Popen([sys.executable, "-c", RUN], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environment = {
+        **os.environ,
+        "OUT": str(out),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -98,7 +107,10 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights_and_histo
 
     stderr = finish(run(out, RESUME="1"))
     assert "Resumed from" in stderr and "step-000004" in stderr
-    expected, resumed = load_file(uninterrupted / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    expected, resumed = (
+        load_file(uninterrupted / "model" / "model.safetensors"),
+        load_file(out / "model" / "model.safetensors"),
+    )
     for name, value in expected.items():
         assert torch.equal(resumed[name], value), name
     assert comparable(out / "history.json") == comparable(uninterrupted / "history.json")
@@ -115,7 +127,10 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(uninter
     stderr = finish(run(out, RESUME="1"))
     assert "step-000002" in stderr
     assert not list((out / "checkpoints").glob(".tmp-*")), "leftovers of the torn write are cleaned up"
-    expected, resumed = load_file(uninterrupted / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    expected, resumed = (
+        load_file(uninterrupted / "model" / "model.safetensors"),
+        load_file(out / "model" / "model.safetensors"),
+    )
     assert all(torch.equal(resumed[name], value) for name, value in expected.items())
 
 
@@ -140,8 +155,17 @@ def test_remote_code_is_not_run_unless_asked(tmp_path):
     folder = tmp_path / "remote"
     folder.mkdir()
     marker = tmp_path / "code-ran"
-    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
-        "AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {
+                    "AutoConfig": "modeling_evil.EvilConfig",
+                    "AutoModelForCausalLM": "modeling_evil.EvilModel",
+                },
+            }
+        )
+    )
     (folder / "model.safetensors").write_bytes(b"")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(gh.BUNDLED["tiny-gpt2-base"] / name, folder / name)

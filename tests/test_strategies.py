@@ -15,8 +15,18 @@ from gpt_helpers import ConfigError, TrainingConfig, build_model_from_config, co
 from gpt_helpers.experiments import compare_strategies, data_efficiency_sweep, ranking_text, subset, summarize
 from gpt_helpers.models import tiny_gpt2_config
 from gpt_helpers.strategies import (
-    STRATEGIES, GradualUnfreezing, apply_lora, discriminative_param_groups, freeze, from_scratch, head_is_tied,
-    merge_lora, model_levels, save_merged, set_dropout, transformer_blocks,
+    STRATEGIES,
+    GradualUnfreezing,
+    apply_lora,
+    discriminative_param_groups,
+    freeze,
+    from_scratch,
+    head_is_tied,
+    merge_lora,
+    model_levels,
+    save_merged,
+    set_dropout,
+    transformer_blocks,
 )
 
 
@@ -25,13 +35,31 @@ def gpt2(layers: int = 4):
 
 
 def neox():
-    return build_model_from_config(GPTNeoXConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                 intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False))
+    return build_model_from_config(
+        GPTNeoXConfig(
+            vocab_size=512,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def llama():
-    return build_model_from_config(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64))
+    return build_model_from_config(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +70,27 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def reviews(tokenizer):
     train_data, _ = gh.prepare_dataset(tokenizer, gh.load_course_dataset("drug_reviews", "train")[:300], block_size=32)
-    eval_data, _ = gh.prepare_dataset(tokenizer, gh.load_course_dataset("drug_reviews", "validation")[:40], block_size=32)
+    eval_data, _ = gh.prepare_dataset(
+        tokenizer, gh.load_course_dataset("drug_reviews", "validation")[:40], block_size=32
+    )
     return train_data, eval_data
 
 
 def quick_config(tmp_path, **changes) -> TrainingConfig:
-    settings = dict(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=4, eval_every=2, eval_batches=2, log_every=1,
-                    warmup_steps=0, lr_schedule="constant", save_best=False, save_final=False, plot=False, progress=False)
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        batch_size=4,
+        eval_every=2,
+        eval_batches=2,
+        log_every=1,
+        warmup_steps=0,
+        lr_schedule="constant",
+        save_best=False,
+        save_final=False,
+        plot=False,
+        progress=False,
+    )
     return TrainingConfig(**{**settings, **changes})
 
 
@@ -89,10 +131,15 @@ def test_freeze_untied_head_trains_only_the_head():
     assert not base.embed_in.weight.requires_grad
 
 
-@pytest.mark.parametrize("options, message", [(dict(all_but_head=True, lower_blocks=1), "all_but_head"),
-                                              (dict(lower_blocks=5), "between 0 and 4"),
-                                              (dict(keep_last_blocks=0), "between 1 and 4"),
-                                              (dict(keep_last_blocks=1, lower_blocks=1), "either")])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(all_but_head=True, lower_blocks=1), "all_but_head"),
+        (dict(lower_blocks=5), "between 0 and 4"),
+        (dict(keep_last_blocks=0), "between 1 and 4"),
+        (dict(keep_last_blocks=1, lower_blocks=1), "either"),
+    ],
+)
 def test_freeze_refuses_contradictions(options, message):
     with pytest.raises(ConfigError, match=message):
         freeze(gpt2(), **options)
@@ -113,11 +160,23 @@ def test_frozen_parameters_do_not_change_during_training(tmp_path, tokenizer, re
 def test_discriminative_learning_rates_are_the_ones_adam_uses(tmp_path, tokenizer, reviews):
     model = gpt2(layers=3)
     groups = discriminative_param_groups(model, 1e-3, decay=2.6, weight_decay=0.0)
-    expected = {"embeddings": 1e-3 / 2.6**3, "block 0": 1e-3 / 2.6**2, "block 1": 1e-3 / 2.6, "block 2": 1e-3, "head": 1e-3}
+    expected = {
+        "embeddings": 1e-3 / 2.6**3,
+        "block 0": 1e-3 / 2.6**2,
+        "block 1": 1e-3 / 2.6,
+        "block 2": 1e-3,
+        "head": 1e-3,
+    }
     assert {g["name"]: g["lr"] for g in groups} == pytest.approx(expected)
     before = {id(p): p.detach().clone() for p in model.parameters()}
-    train(model, tokenizer, reviews[0], None, quick_config(tmp_path, max_steps=1, max_grad_norm=None, weight_decay=0.0),
-          param_groups=groups)
+    train(
+        model,
+        tokenizer,
+        reviews[0],
+        None,
+        quick_config(tmp_path, max_steps=1, max_grad_norm=None, weight_decay=0.0),
+        param_groups=groups,
+    )
     # Adam's first step moves every weight with a gradient by almost exactly its learning rate
     for group in groups:
         steps = torch.cat([(p.detach() - before[id(p)]).abs().flatten() for p in group["params"]])
@@ -127,15 +186,18 @@ def test_discriminative_learning_rates_are_the_ones_adam_uses(tmp_path, tokenize
 def test_gradual_unfreezing_unfreezes_one_level_every_n_steps(tmp_path, tokenizer, reviews):
     model = gpt2(layers=3)
     schedule = GradualUnfreezing(model, every_steps=2)
-    assert count_parameters(model).trainable == (count_parameters(model.transformer.h[2]).total
-                                                 + count_parameters(model.transformer.ln_f).total)
+    assert count_parameters(model).trainable == (
+        count_parameters(model.transformer.h[2]).total + count_parameters(model.transformer.ln_f).total
+    )
     snapshots = []
 
     class Snapshot:
         def on_step_end(self, state):
             snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
 
-    result = train(model, tokenizer, reviews[0], None, quick_config(tmp_path, max_steps=8), callbacks=[schedule, Snapshot()])
+    result = train(
+        model, tokenizer, reviews[0], None, quick_config(tmp_path, max_steps=8), callbacks=[schedule, Snapshot()]
+    )
     expected = {"head": 0, "block 2": 0, "block 1": 2, "block 0": 4, "embeddings": 6}
     assert result.history.info["gradual_unfreezing"]["unfrozen_at_step"] == expected
     first_change = {}
@@ -239,8 +301,9 @@ def test_from_scratch_is_the_same_architecture_with_new_weights():
 # ------------------------------------------------------------------------------------------ comparisons
 def test_compare_strategies_on_the_bundled_model(tmp_path, reviews):
     strategies = ["full", "frozen_body", "discriminative", "lora", "from_scratch"]
-    rows, histories = compare_strategies("tiny-gpt2-base", strategies, reviews[0], reviews[1], quick_config(tmp_path),
-                                         learning_rates={"lora": 2e-3})
+    rows, histories = compare_strategies(
+        "tiny-gpt2-base", strategies, reviews[0], reviews[1], quick_config(tmp_path), learning_rates={"lora": 2e-3}
+    )
     table = {row["strategy"]: row for row in rows}
     assert list(table) == strategies and set(histories) == set(strategies)
     total = table["full"]["total_parameters"]
@@ -260,10 +323,15 @@ def test_data_efficiency_sweep_trains_pretrained_and_scratch_on_nested_fractions
     part = subset(reviews[0], 0.5, seed=0)
     assert len(part) == round(len(reviews[0]) / 2)
     assert set(map(tuple, subset(reviews[0], 0.25).input_ids.tolist())) <= set(map(tuple, part.input_ids.tolist()))
-    rows, histories = data_efficiency_sweep("tiny-gpt2-base", [0.5, 0.1], reviews[0], reviews[1],
-                                            quick_config(tmp_path, max_steps=2))
+    rows, histories = data_efficiency_sweep(
+        "tiny-gpt2-base", [0.5, 0.1], reviews[0], reviews[1], quick_config(tmp_path, max_steps=2)
+    )
     assert [(row["fraction"], row["strategy"]) for row in rows] == [
-        (0.1, "full"), (0.1, "from_scratch"), (0.5, "full"), (0.5, "from_scratch")]
+        (0.1, "full"),
+        (0.1, "from_scratch"),
+        (0.5, "full"),
+        (0.5, "from_scratch"),
+    ]
     assert rows[0]["train_examples"] == round(0.1 * len(reviews[0]))
     assert set(histories) == {"0.1/full", "0.1/from_scratch", "0.5/full", "0.5/from_scratch"}
     assert all(row["peak_memory_mb"] is None and row["best_perplexity"] > 1 for row in rows)
@@ -272,14 +340,24 @@ def test_data_efficiency_sweep_trains_pretrained_and_scratch_on_nested_fractions
 def test_every_strategy_runs_on_a_llama_model_built_locally(tmp_path, reviews):
     """Grouped-query attention, gated MLP, RMSNorm, untied head: the architecture of SmolLM2, in miniature."""
     tokenizer = gh.load_tokenizer("tiny-gpt2-base")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path / "tiny-llama"
     build_model_from_config(config, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    rows, histories = compare_strategies(str(folder), list(STRATEGIES), reviews[0], reviews[1],
-                                         quick_config(tmp_path, max_steps=4), measure_memory=False)
+    rows, histories = compare_strategies(
+        str(folder), list(STRATEGIES), reviews[0], reviews[1], quick_config(tmp_path, max_steps=4), measure_memory=False
+    )
     table = {row["strategy"]: row for row in rows}
     assert list(table) == list(STRATEGIES)
     total = table["full"]["total_parameters"]
@@ -291,11 +369,24 @@ def test_every_strategy_runs_on_a_llama_model_built_locally(tmp_path, reviews):
 
 
 def test_several_seeds_give_a_mean_and_spread_and_an_honest_ranking(tmp_path, reviews):
-    rows, histories = compare_strategies("tiny-gpt2-base", ["full", "lora"], reviews[0], reviews[1],
-                                         quick_config(tmp_path, max_steps=3), seeds=[0, 1, 2], measure_memory=False,
-                                         learning_rates={"lora": 2e-3})
-    assert [(row["strategy"], row["seed"]) for row in rows] == [("full", 0), ("full", 1), ("full", 2),
-                                                                 ("lora", 0), ("lora", 1), ("lora", 2)]
+    rows, histories = compare_strategies(
+        "tiny-gpt2-base",
+        ["full", "lora"],
+        reviews[0],
+        reviews[1],
+        quick_config(tmp_path, max_steps=3),
+        seeds=[0, 1, 2],
+        measure_memory=False,
+        learning_rates={"lora": 2e-3},
+    )
+    assert [(row["strategy"], row["seed"]) for row in rows] == [
+        ("full", 0),
+        ("full", 1),
+        ("full", 2),
+        ("lora", 0),
+        ("lora", 1),
+        ("lora", 2),
+    ]
     assert set(histories) == {f"{s}/seed-{n}" for s in ("full", "lora") for n in range(3)}
     full = [row["best_eval_loss"] for row in rows if row["strategy"] == "full"]
     assert len(set(full)) == 3, "the seeds change the data order, so the runs differ"

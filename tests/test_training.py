@@ -8,33 +8,37 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, quick_config
 
 from gpt_helpers import History, TrainingConfig, evaluate, prepare_dataset, train
 from gpt_helpers.errors import ConfigError, DataError, TrainingError
 from gpt_helpers.training import _Loop, lr_factor
 
+from conftest import make_tiny_gpt2, make_tiny_llama, quick_config
+
 # ------------------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"max_steps": -5}, "max_steps"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"learning_rate": "fast"}, "learning_rate"),
-    ({"learning_rate": 3.0}, "learning_rate"),
-    ({"learning_rate": float("nan")}, "learning_rate"),
-    ({"precision": "fp8"}, "precision"),
-    ({"batch_size": 4.5}, "batch_size"),
-    ({"batch_size": True}, "batch_size"),
-    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
-    ({"lr_schedule": "step"}, "lr_schedule"),
-    ({"nonfinite": "ignore"}, "nonfinite"),
-    ({"keep_last": 0}, "keep_last"),
-    ({"warmup_steps": -1}, "warmup_steps"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm"),
-    ({"progress": "yes"}, "progress"),
-    ({"max_steps": None, "epochs": None}, "max_steps"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"max_steps": -5}, "max_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": "fast"}, "learning_rate"),
+        ({"learning_rate": 3.0}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"precision": "fp8"}, "precision"),
+        ({"batch_size": 4.5}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"keep_last": 0}, "keep_last"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"progress": "yes"}, "progress"),
+        ({"max_steps": None, "epochs": None}, "max_steps"),
+    ],
+)
 def test_config_refuses_bad_values_naming_the_field(changes, field):
     with pytest.raises(ConfigError) as caught:
         TrainingConfig(**changes)
@@ -110,8 +114,9 @@ def test_short_run_on_drug_reviews_lowers_validation_loss(tokenizer, drug_review
     model = make_tiny_gpt2(tokenizer)
     before = evaluate(model, eval_data).loss
     assert before == pytest.approx(math.log(len(tokenizer)), abs=0.3)
-    config = quick_config(tmp_path, max_steps=30, batch_size=8, learning_rate=1e-2, warmup_steps=3, eval_every=15,
-                          log_every=5)
+    config = quick_config(
+        tmp_path, max_steps=30, batch_size=8, learning_rate=1e-2, warmup_steps=3, eval_every=15, log_every=5
+    )
     result = train(model, tokenizer, train_data, eval_data, config)
     after = evaluate(result.model, eval_data).loss
     assert after < before - 1.5, (before, after)
@@ -126,12 +131,20 @@ def test_short_run_on_drug_reviews_lowers_validation_loss(tokenizer, drug_review
 
 def _run_accumulated(tokenizer, data, tmp_path, name, batch_size, accumulation):
     model = make_tiny_gpt2(tokenizer, seed=1)
-    config = quick_config(tmp_path / name, max_steps=3, batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                          learning_rate=3e-3, log_every=3)
+    config = quick_config(
+        tmp_path / name,
+        max_steps=3,
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=3e-3,
+        log_every=3,
+    )
     return _weights(train(model, tokenizer, data, None, config).model)
 
 
-def test_gradient_accumulation_matches_one_big_batch_with_unequal_padding(tokenizer, drug_reviews, tmp_path, monkeypatch):
+def test_gradient_accumulation_matches_one_big_batch_with_unequal_padding(
+    tokenizer, drug_reviews, tmp_path, monkeypatch
+):
     data = _short_padded(tokenizer, drug_reviews["train"])
     real_tokens = (data.labels[:, 1:] != -100).sum(dim=1)
     assert real_tokens.min() <= 3 and real_tokens.max() >= 14  # micro-batches hold very different token counts
@@ -145,8 +158,9 @@ def test_gradient_accumulation_matches_one_big_batch_with_unequal_padding(tokeni
 
         total = torch.zeros(())
         for batch in micro_batches:
-            losses, mask = token_losses(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                        batch["labels"])
+            losses, mask = token_losses(
+                self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+            )
             loss = losses.sum() / mask.sum() / len(micro_batches)
             loss.backward()
             total += loss.detach()
@@ -162,17 +176,33 @@ def test_resume_from_checkpoint_is_bit_identical(tokenizer, drug_reviews, tmp_pa
     eval_data = _packed(tokenizer, drug_reviews["validation"][:4])
     common = dict(max_steps=12, save_every=4, keep_last=2, log_every=2, eval_every=4, eval_batches=1)
 
-    full = train(make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, train_data, eval_data,
-                 quick_config(tmp_path / "full", **common))
+    full = train(
+        make_tiny_gpt2(tokenizer, dropout=0.1),
+        tokenizer,
+        train_data,
+        eval_data,
+        quick_config(tmp_path / "full", **common),
+    )
     checkpoints = sorted(p.name for p in (tmp_path / "full" / "run" / "checkpoints").iterdir())
     assert checkpoints == ["step-000008", "step-000012"]  # rotation keeps the newest keep_last=2
 
-    stopped = train(make_tiny_gpt2(tokenizer, dropout=0.1), tokenizer, train_data, eval_data,
-                    quick_config(tmp_path / "split", **common), callbacks=[StopAt(8)])
+    stopped = train(
+        make_tiny_gpt2(tokenizer, dropout=0.1),
+        tokenizer,
+        train_data,
+        eval_data,
+        quick_config(tmp_path / "split", **common),
+        callbacks=[StopAt(8)],
+    )
     assert stopped.stop_reason == "stopped on request" and stopped.history.final.step == 8
     # A differently initialised model: resuming must overwrite every weight, the optimizer and the random state.
-    resumed = train(make_tiny_gpt2(tokenizer, dropout=0.1, seed=9), tokenizer, train_data, eval_data,
-                    quick_config(tmp_path / "split", resume=True, **common))
+    resumed = train(
+        make_tiny_gpt2(tokenizer, dropout=0.1, seed=9),
+        tokenizer,
+        train_data,
+        eval_data,
+        quick_config(tmp_path / "split", resume=True, **common),
+    )
     assert resumed.history.info["resumed_from"].endswith("step-000008")
 
     full_weights, resumed_weights = _weights(full.model), _weights(resumed.model)
@@ -180,8 +210,10 @@ def test_resume_from_checkpoint_is_bit_identical(tokenizer, drug_reviews, tmp_pa
         assert torch.equal(full_weights[name], resumed_weights[name]), name
 
     def comparable(history):
-        return [(r.step, r.epoch, r.tokens_seen, r.learning_rate, r.train_loss, r.eval_loss, r.eval_perplexity)
-                for r in history.records]
+        return [
+            (r.step, r.epoch, r.tokens_seen, r.learning_rate, r.train_loss, r.eval_loss, r.eval_perplexity)
+            for r in history.records
+        ]
 
     assert comparable(resumed.history) == comparable(full.history)
     assert [r.step for r in full.history.records] == [2, 4, 6, 8, 10, 12]
@@ -200,8 +232,16 @@ def test_early_stopping_keeps_the_best_model(tokenizer, drug_reviews, tmp_path):
     # Memorising one sentence with a high learning rate makes the loss on real reviews worse: overfitting.
     train_data = _packed(tokenizer, ["The pill is blue and round."] * 100, block_size=16)
     eval_data = _packed(tokenizer, drug_reviews["validation"][:6])
-    config = quick_config(tmp_path, max_steps=40, learning_rate=1e-2, eval_every=2, log_every=2,
-                          early_stopping_patience=2, save_best=True, save_final=True)
+    config = quick_config(
+        tmp_path,
+        max_steps=40,
+        learning_rate=1e-2,
+        eval_every=2,
+        log_every=2,
+        early_stopping_patience=2,
+        save_best=True,
+        save_final=True,
+    )
     result = train(make_tiny_gpt2(tokenizer), tokenizer, train_data, eval_data, config)
     evals = result.history.eval_records
     assert result.stop_reason.startswith("early stopping") and evals[-1].step < 40
@@ -217,8 +257,13 @@ def test_early_stopping_keeps_the_best_model(tokenizer, drug_reviews, tmp_path):
 
 def test_history_written_as_json_and_csv(tokenizer, drug_reviews, tmp_path):
     data = _packed(tokenizer, drug_reviews["train"][:10])
-    result = train(make_tiny_gpt2(tokenizer), tokenizer, data, data, quick_config(tmp_path, max_steps=4, eval_every=2,
-                                                                                   eval_batches=1, plot=True))
+    result = train(
+        make_tiny_gpt2(tokenizer),
+        tokenizer,
+        data,
+        data,
+        quick_config(tmp_path, max_steps=4, eval_every=2, eval_batches=1, plot=True),
+    )
     out = tmp_path / "run"
     from_json, from_csv = History.load(out / "history.json"), History.load(out / "history.csv")
     assert from_json.records == result.history.records == from_csv.records
@@ -283,17 +328,31 @@ def test_llama_trains_a_few_steps(tokenizer, drug_reviews, tmp_path):
 def test_too_little_data_for_one_step_is_refused(tokenizer, tmp_path):
     data = prepare_dataset(tokenizer, ["a few words only, really not much"] * 3, block_size=8)[0]
     with pytest.raises(DataError, match="fewer than one step's batch of 32"):
-        train(make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path, batch_size=16,
-                                                                              gradient_accumulation_steps=2))
+        train(
+            make_tiny_gpt2(tokenizer),
+            tokenizer,
+            data,
+            None,
+            quick_config(tmp_path, batch_size=16, gradient_accumulation_steps=2),
+        )
 
 
 def test_tensorboard_tracking_writes_event_files_and_is_off_by_default(tokenizer, drug_reviews, tmp_path):
-    pytest.importorskip("tensorboard", reason="report_to='tensorboard' needs the tensorboard package (pip install tensorboard)")
+    pytest.importorskip(
+        "tensorboard", reason="report_to='tensorboard' needs the tensorboard package (pip install tensorboard)"
+    )
     data = _packed(tokenizer, drug_reviews["train"][:20])
-    plain = train(make_tiny_gpt2(tokenizer), tokenizer, data, data, quick_config(tmp_path / "plain", max_steps=2, eval_every=2))
+    plain = train(
+        make_tiny_gpt2(tokenizer), tokenizer, data, data, quick_config(tmp_path / "plain", max_steps=2, eval_every=2)
+    )
     assert not (plain.output_dir / "tensorboard").exists()
-    tracked = train(make_tiny_gpt2(tokenizer), tokenizer, data, data,
-                    quick_config(tmp_path / "tracked", max_steps=4, eval_every=2, report_to="tensorboard"))
+    tracked = train(
+        make_tiny_gpt2(tokenizer),
+        tokenizer,
+        data,
+        data,
+        quick_config(tmp_path / "tracked", max_steps=4, eval_every=2, report_to="tensorboard"),
+    )
     events = list((tracked.output_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -310,8 +369,13 @@ def test_epochs_count_the_examples_an_epoch_trains_on(tokenizer, drug_reviews, t
     175 examples reported."""
     data = _packed(tokenizer, drug_reviews["train"])
     data = type(data)(data.input_ids[:175])
-    result = train(make_tiny_gpt2(tokenizer), tokenizer, data, None,
-                   quick_config(tmp_path, max_steps=40, batch_size=16, log_every=10))
+    result = train(
+        make_tiny_gpt2(tokenizer),
+        tokenizer,
+        data,
+        None,
+        quick_config(tmp_path, max_steps=40, batch_size=16, log_every=10),
+    )
     assert [round(r.epoch, 4) for r in result.history.records] == [1.0, 2.0, 3.0, 4.0]
     summary = result.history.summary()
     assert summary["epochs"] == 4.0 and summary["examples_seen"] == 640 and summary["train_examples"] == 175

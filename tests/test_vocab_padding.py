@@ -25,7 +25,7 @@ class PaddingWatcher:
         model = state.model
         weight = model.get_input_embeddings().weight
         self.embedding_rows.append(weight.shape[0])
-        self.padding_is_zero.append(bool((weight[self.real_size:] == 0).all()))
+        self.padding_is_zero.append(bool((weight[self.real_size :] == 0).all()))
         with torch.no_grad():
             self.logit_sizes.append(model(input_ids=self.sample_ids).logits.shape[-1])
 
@@ -43,8 +43,15 @@ def test_padded_training_equals_unpadded_and_hides_the_padding(tokenizer, drug_r
     # divides tiny gradient differences by tiny square roots); in float64 such reassociation is ~1e-16 relative.
     plain = _train(make_tiny_gpt2(tokenizer).double(), tokenizer, data, tmp_path, "plain", pad_vocab_to_multiple_of=0)
     watcher = PaddingWatcher(data.input_ids[:1], real)
-    padded = _train(make_tiny_gpt2(tokenizer).double(), tokenizer, data, tmp_path, "padded", [watcher],
-                    pad_vocab_to_multiple_of=1000)
+    padded = _train(
+        make_tiny_gpt2(tokenizer).double(),
+        tokenizer,
+        data,
+        tmp_path,
+        "padded",
+        [watcher],
+        pad_vocab_to_multiple_of=1000,
+    )
 
     assert padded.history.info["padded_vocabulary"] == 9000 and plain.history.info["padded_vocabulary"] is None
     assert watcher.embedding_rows == [9000] * 3, "the model trained with the padded matrix"

@@ -25,10 +25,24 @@ def base():
 @pytest.fixture
 def panel(base, tmp_path):
     model, tokenizer = base
-    config = TrainingConfig(max_steps=4, batch_size=2, eval_every=2, eval_batches=2, log_every=1, warmup_steps=1,
-                            output_dir=str(tmp_path / "panel"))
-    return TrainingPanel(model_name="tiny-gpt2-base", dataset={"train": TEXTS, "validation": TEXTS[:8]}, config=config,
-                         model=model, tokenizer=tokenizer, block_size=32, plot_interval_seconds=0.0)
+    config = TrainingConfig(
+        max_steps=4,
+        batch_size=2,
+        eval_every=2,
+        eval_batches=2,
+        log_every=1,
+        warmup_steps=1,
+        output_dir=str(tmp_path / "panel"),
+    )
+    return TrainingPanel(
+        model_name="tiny-gpt2-base",
+        dataset={"train": TEXTS, "validation": TEXTS[:8]},
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        block_size=32,
+        plot_interval_seconds=0.0,
+    )
 
 
 def _classes(widget):
@@ -36,16 +50,29 @@ def _classes(widget):
 
 
 def test_controls_are_labelled_with_ranges_and_css_classes(panel):
-    expected = {"learning_rate": "learning rate", "max_steps": "steps", "batch_size": "batch size",
-                "block_size": "block size", "warmup_steps": "warmup", "weight_decay": "weight decay",
-                "eval_every": "eval every", "seed": "seed"}
+    expected = {
+        "learning_rate": "learning rate",
+        "max_steps": "steps",
+        "batch_size": "batch size",
+        "block_size": "block size",
+        "warmup_steps": "warmup",
+        "weight_decay": "weight decay",
+        "eval_every": "eval every",
+        "seed": "seed",
+    }
     assert {name: c.description for name, c in panel.controls.items()} == expected
     lr = panel.controls["learning_rate"]
     assert (lr.base, lr.min, lr.max) == (10, -5, -2)
     assert max(panel.controls["block_size"].options) <= 256  # the bundled model's context
     assert "gh-lr" in _classes(lr) and "gh-steps" in _classes(panel.controls["max_steps"])
-    for widget, css in [(panel.run_button, "gh-run"), (panel.stop_button, "gh-stop"), (panel.status, "gh-status"),
-                        (panel.plot, "gh-plot"), (panel.progress, "gh-progress"), (panel.summary, "gh-summary")]:
+    for widget, css in [
+        (panel.run_button, "gh-run"),
+        (panel.stop_button, "gh-stop"),
+        (panel.status, "gh-status"),
+        (panel.plot, "gh-plot"),
+        (panel.progress, "gh-progress"),
+        (panel.summary, "gh-summary"),
+    ]:
         assert css in _classes(widget)
     assert not panel.run_button.disabled and panel.stop_button.disabled
     assert panel.config.max_steps == 4 and panel.history is None
@@ -57,8 +84,15 @@ def test_a_run_uses_the_values_set_in_the_controls(panel, base, tmp_path):
     result = panel.run()
     assert panel.last_error is None, panel.last_error
     used = panel.config
-    assert (used.learning_rate, used.max_steps, used.batch_size, used.warmup_steps, used.weight_decay, used.eval_every,
-            used.seed) == (1e-3, 5, 4, 2, 0.05, 5, 3)
+    assert (
+        used.learning_rate,
+        used.max_steps,
+        used.batch_size,
+        used.warmup_steps,
+        used.weight_decay,
+        used.eval_every,
+        used.seed,
+    ) == (1e-3, 5, 4, 2, 0.05, 5, 3)
     assert used.progress is False and used.output_dir == str(tmp_path / "panel" / "run-01")
     assert result is panel.last_result and panel.history.final.step == 5
     assert panel.history.info["config"]["learning_rate"] == 1e-3
@@ -67,7 +101,9 @@ def test_a_run_uses_the_values_set_in_the_controls(panel, base, tmp_path):
     assert "1.0e-03" in panel.summary.value and "final validation" in panel.summary.value
     assert list(panel.histories) == ["run-01"]
     assert (tmp_path / "panel" / "run-01" / "model" / "config.json").exists()
-    assert torch.equal(base[0].transformer.wte.weight, before), "the pre-trained model given to the panel must not change"
+    assert torch.equal(base[0].transformer.wte.weight, before), (
+        "the pre-trained model given to the panel must not change"
+    )
     assert not panel.run_button.disabled and panel.stop_button.disabled
     assert not any(c.disabled for c in panel.controls.values())
     panel.set(max_steps=2)
@@ -76,14 +112,19 @@ def test_a_run_uses_the_values_set_in_the_controls(panel, base, tmp_path):
 
 
 def test_the_log_slider_value_is_read_with_two_significant_digits(panel):
-    panel.controls["learning_rate"].value = 10 ** -3.3
+    panel.controls["learning_rate"].value = 10**-3.3
     assert panel.current_config().learning_rate == 5e-4
     assert round_learning_rate(3.1622776e-4) == 3.2e-4
 
 
-@pytest.mark.parametrize("name, value, words", [("max_steps", 0, "steps must be a whole number from 1"),
-                                                ("warmup_steps", -1, "warmup must be"),
-                                                ("eval_every", 0, "eval every must be")])
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("max_steps", 0, "steps must be a whole number from 1"),
+        ("warmup_steps", -1, "warmup must be"),
+        ("eval_every", 0, "eval every must be"),
+    ],
+)
 def test_an_impossible_value_is_shown_in_the_panel_not_raised(panel, name, value, words):
     panel.controls[name].value = value
     assert panel.run() is None
