@@ -212,6 +212,69 @@ def load_texts(source: Any, *, text_field: str = "text") -> list[str]:
     return texts
 
 
+def _records_of(rows, where: str, fields: Sequence[str], row_name: str = "line") -> list[dict[str, Any]]:
+    records = []
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{where}, {row_name} {number}: expected an object with the fields {', '.join(fields)}, "
+                f"got {type(row).__name__}."
+            )
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise DataError(
+                f"{where}, {row_name} {number}: no '{missing[0]}' field (fields: {', '.join(map(str, row)) or 'none'}). "
+                "Name the fields that hold the text and the label (--text-field, --label-field on the command line)."
+            )
+        records.append({name: row[name] for name in fields} | {"_where": f"{where}, {row_name} {number}"})
+    return records
+
+
+def load_records(source: Any, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` file, a ``datasets.Dataset`` or a list of dicts, with
+    the named ``fields`` each (and ``"_where"``: the file and line, for error messages). Texts and their labels, say.
+
+    >>> load_records([{"text": "fine", "label": "good"}], ["text", "label"])[0]["label"]
+    'good'
+    """
+    if isinstance(source, (list, tuple)):
+        return _records_of(enumerate(source), "the list", fields, "item")
+    if hasattr(source, "column_names") and hasattr(source, "select"):
+        return _records_of(enumerate(source), "the dataset", fields, "row")
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DataError(
+                        f"{path}, line {number}: invalid JSON ({error.msg} at column {error.colno}). Each "
+                        "line of a .jsonl file must be one complete JSON object. Was the file cut short?"
+                    ) from None
+        return _records_of(rows, str(path), fields)
+    if suffix == ".json":
+        try:
+            rows = json.loads(_read_utf8(path))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}).") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects at the top level.")
+        return _records_of(enumerate(rows), str(path), fields, "item")
+    if suffix in (".csv", ".tsv"):
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+        reader = csv.DictReader(_read_utf8(path).splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            return _records_of(((reader.line_num, row) for row in reader), str(path), fields)
+        except csv.Error as error:
+            raise DataError(
+                f"{path}, line {reader.line_num}: malformed CSV ({error}). Check the quoting on that line."
+            ) from None
+    raise DataError(f"'{path}': labelled data must be .jsonl, .json, .csv or .tsv, not '{suffix or 'no suffix'}'.")
+
+
 def course_data_dir() -> Path:
     """The folder holding the course datasets (``data/`` at the project's root, or ``$GPT_HELPERS_DATA``)."""
     candidates = []

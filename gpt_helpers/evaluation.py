@@ -27,7 +27,12 @@ class EvalResult:
     tokens: int
 
     def __str__(self) -> str:
-        return f"loss {self.loss:.4f} | perplexity {self.perplexity:.2f} | next-token accuracy {100 * self.accuracy:.1f}% | {self.tokens:,} tokens"
+        if math.isnan(self.perplexity):  # a classifier's: per example, no perplexity
+            return f"loss {self.loss:.4f} | accuracy {100 * self.accuracy:.1f}% | {self.tokens:,} examples"
+        return (
+            f"loss {self.loss:.4f} | perplexity {self.perplexity:.2f} | next-token accuracy "
+            f"{100 * self.accuracy:.1f}% | {self.tokens:,} tokens"
+        )
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +49,26 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses.view_as(targets)[:, :-1], (targets != -100)[:, :-1]
 
 
+def target_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of every target and the mask of targets that count: next tokens for a language model (``labels``
+    of shape batch × seq, see :func:`token_losses`), or one class per example for a classifier (``labels`` of shape
+    batch, ``logits`` batch × classes).
+
+    >>> losses, mask = target_losses(torch.zeros(2, 3), torch.tensor([0, 2]))
+    >>> losses.shape, mask.tolist()
+    (torch.Size([2]), [True, True])
+    """
+    if labels.ndim == 1:
+        scores = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        return F.cross_entropy(scores, labels, ignore_index=-100, reduction="none"), labels != -100
+    return token_losses(logits, labels)
+
+
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many targets ``labels`` holds: predicted tokens (all but each row's first, and not -100), or examples."""
+    return (labels != -100).sum() if labels.ndim == 1 else (labels[:, 1:] != -100).sum()
+
+
 def perplexity(mean_loss: float) -> float:
     """``exp(mean_loss)``, capped to avoid overflow (a perplexity above 1e12 means 'no idea')."""
     return math.exp(min(mean_loss, 27.6))
@@ -53,7 +78,8 @@ def perplexity(mean_loss: float) -> float:
 def evaluate(
     model, dataset, *, batch_size: int = 16, max_batches: int | None = None, device: str | torch.device | None = None
 ) -> EvalResult:
-    """Token-weighted loss, perplexity and next-token accuracy of ``model`` on ``dataset``.
+    """Token-weighted loss, perplexity and next-token accuracy of ``model`` on ``dataset`` (for a classifier's
+    dataset: the mean loss per example and the accuracy; perplexity is NaN).
 
     ``dataset`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels`` (an :class:`~gpt_helpers.data.LMDataset`).
     ``max_batches`` bounds the work (batches in order, so the number is repeatable).
@@ -80,18 +106,26 @@ def evaluate(
             break
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses, mask = token_losses(logits, batch["labels"])
+        labels = batch["labels"]
+        losses, mask = target_losses(logits, labels)
         loss_sum += losses.sum(dtype=torch.float64)
         count += mask.sum()
-        predictions = logits[:, :-1, :].argmax(dim=-1)
-        correct += ((predictions == batch["labels"][:, 1:]) & mask).sum()
+        classifier = labels.ndim == 1
+        predictions = logits.argmax(dim=-1) if classifier else logits[:, :-1, :].argmax(dim=-1)
+        correct += ((predictions == (labels if classifier else labels[:, 1:])) & mask).sum()
     model.train(was_training)
     torch.set_rng_state(random_state)
     tokens = int(count)
     if tokens == 0:
         raise GPTHelpersError("No tokens to score: every label is masked. Check the attention masks of the data.")
     mean = float(loss_sum) / tokens
-    return EvalResult(loss=mean, perplexity=perplexity(mean), accuracy=int(correct) / tokens, tokens=tokens)
+    # a classifier's loss has no perplexity (it predicts classes, not tokens)
+    return EvalResult(
+        loss=mean,
+        perplexity=math.nan if classifier else perplexity(mean),
+        accuracy=int(correct) / tokens,
+        tokens=tokens,
+    )
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from accelerate.utils import set_seed
 from . import checkpoints, resume
 from .config import TrainingConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
-from .evaluation import EvalResult, evaluate, perplexity, token_losses
+from .evaluation import EvalResult, count_targets, evaluate, perplexity, target_losses
+from .fused_loss import decoder_of, linear_cross_entropy, supports_fused_loss
 from .history import History
 from .models import count_parameters
 from .precision import PrecisionChoice, choose_precision, measured_bf16_speedup
@@ -282,6 +283,29 @@ def _compile_choice(config: TrainingConfig, device_type: str, max_steps: int) ->
     )
 
 
+def _fused_loss_choice(
+    config: TrainingConfig, model, device_type: str, processes: int, padded: bool
+) -> tuple[bool, str]:
+    """Whether to compute the output layer and the loss chunk by chunk (:mod:`gpt_helpers.fused_loss`)."""
+    possible = supports_fused_loss(model) and processes == 1 and not padded
+    if config.fused_loss is not None:
+        if config.fused_loss and not possible:
+            raise ConfigError(
+                "fused_loss=True needs one process, no vocabulary padding and a plain output layer "
+                f"(no bias, no logit scaling); {type(model).__name__} here does not qualify."
+            )
+        return config.fused_loss, "set in the config"
+    if not possible:
+        return False, "not possible here (several processes, vocabulary padding or another output layer)"
+    output = model.get_output_embeddings().weight
+    if device_type != "cpu" or output.requires_grad or output.shape[0] < 16_384:
+        return False, (
+            "off by default: on CPU it pays for a large vocabulary whose output layer is frozen (LoRA); "
+            "measured on SmolLM2, 35% less memory and 1.05× the speed there, 0.92× when the layer trains"
+        )
+    return True, "a large frozen output layer on CPU: 35% less memory, same speed (measured on SmolLM2-135M)"
+
+
 def _batch_of(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
     if hasattr(dataset, "input_ids") and hasattr(dataset, "labels"):
         return {
@@ -382,7 +406,10 @@ class _Loop:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.max_steps, self.clock))
         use_compile, compile_reason = _compile_choice(config, device_type, self.max_steps)
-        self.forward_model = torch.compile(self.model) if use_compile else self.model
+        self.fused, fused_reason = _fused_loss_choice(config, model, device_type, self.world, self.vocabulary.active)
+        self.output_weight = model.get_output_embeddings().weight if self.fused else None
+        forward = decoder_of(model) if self.fused else self.model
+        self.forward_model = torch.compile(forward) if use_compile else forward
         self.state = TrainState(
             micro_batch_size=config.batch_size, accumulation_steps=config.gradient_accumulation_steps, model=model
         )
@@ -400,6 +427,8 @@ class _Loop:
             "compile": bool(use_compile),
             "compile_reason": compile_reason,
             "fused_adamw": bool(fused),
+            "fused_loss": self.fused,
+            "fused_loss_reason": fused_reason,
             "padded_vocabulary": self.vocabulary.size if self.vocabulary.active else None,
             "parameters": counts.total,
             "trainable_parameters": counts.trainable,
@@ -502,7 +531,7 @@ class _Loop:
         ]
 
     def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
+        tokens = sum(count_targets(b["labels"]) for b in micro_batches)
         global_tokens = self.accelerator.reduce(tokens, reduction="sum") if self.world > 1 else tokens
         global_tokens = global_tokens.clamp(min=1)
         loss_sum = torch.zeros((), device=self.accelerator.device)
@@ -510,12 +539,7 @@ class _Loop:
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model)
             with sync:
-                with self.accelerator.autocast():
-                    logits = self.forward_model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                losses, _ = token_losses(logits, batch["labels"])
-                batch_sum = losses.sum()
+                batch_sum = self._loss_sum(batch)
                 # DDP averages gradients over the processes; multiplying by their number first turns that average
                 # into the sum over every process's tokens divided by the global token count: a per-token mean.
                 self.accelerator.backward(batch_sum * self.world / global_tokens)
@@ -523,6 +547,16 @@ class _Loop:
         if self.world > 1:
             loss_sum = self.accelerator.reduce(loss_sum, reduction="sum")
         return loss_sum / global_tokens, global_tokens
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of a micro-batch's targets (ignored targets, -100, count 0)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        with self.accelerator.autocast():
+            if self.fused:  # the body's hidden states, then the output layer and the loss chunk by chunk
+                hidden = self.forward_model(**inputs).last_hidden_state
+                return linear_cross_entropy(hidden, self.output_weight, batch["labels"])
+            logits = self.forward_model(**inputs).logits
+        return target_losses(logits, batch["labels"])[0].sum()
 
     def _forward_backward_with_backoff(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_forward_backward`; on out-of-memory, halve the micro-batch, double accumulation and retry."""

@@ -379,3 +379,44 @@ def test_epochs_count_the_examples_an_epoch_trains_on(tokenizer, drug_reviews, t
     assert [round(r.epoch, 4) for r in result.history.records] == [1.0, 2.0, 3.0, 4.0]
     summary = result.history.summary()
     assert summary["epochs"] == 4.0 and summary["examples_seen"] == 640 and summary["train_examples"] == 175
+
+
+@pytest.mark.parametrize("make", [make_tiny_gpt2, make_tiny_llama])
+def test_the_fused_loss_trains_exactly_like_the_logits_path(make, tokenizer, drug_reviews, tmp_path):
+    """In float64 the chunked output layer + loss and the usual logits path differ only by summation order
+    (~1e-16 relative), so after a few AdamW steps every weight agrees to 1e-9; the loss is the same too."""
+    from gpt_helpers import fused_loss
+
+    data = _packed(tokenizer, drug_reviews["train"][:40])
+    runs = {}
+    for fused in (False, True):
+        model = make(tokenizer).double()
+        config = quick_config(tmp_path / str(fused), max_steps=3, fused_loss=fused, log_every=1)
+        runs[fused] = train(model, tokenizer, data, None, config)
+    assert runs[True].history.info["fused_loss"] and not runs[False].history.info["fused_loss"]
+    for (name, a), b in zip(runs[False].model.state_dict().items(), runs[True].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    for a, b in zip(runs[False].history.column("train_loss")[1], runs[True].history.column("train_loss")[1]):
+        assert a == pytest.approx(b, rel=1e-12)
+    hidden, weight = torch.randn(3, 7, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, 3] = -100
+    expected = (hidden @ weight.T).log_softmax(-1)
+    fused_loss.CHUNK_BYTES, saved = 4 * 50 * 4, fused_loss.CHUNK_BYTES  # 4 rows a chunk: several chunks
+    try:
+        assert float(fused_loss.linear_cross_entropy(hidden, weight, labels)) == pytest.approx(
+            float(-sum(expected[b, t, labels[b, t + 1]] for b in range(3) for t in range(6) if labels[b, t + 1] >= 0))
+        )
+    finally:
+        fused_loss.CHUNK_BYTES = saved
+
+
+def test_the_fused_loss_is_chosen_for_a_large_frozen_output_layer_on_cpu(tokenizer, drug_reviews, tmp_path):
+    from gpt_helpers.strategies import apply_lora
+
+    data = _packed(tokenizer, drug_reviews["train"][:20])
+    full = train(make_tiny_gpt2(tokenizer), tokenizer, data, None, quick_config(tmp_path / "full", max_steps=1))
+    assert not full.history.info["fused_loss"] and "off by default" in full.history.info["fused_loss_reason"]
+    big = make_tiny_gpt2(tokenizer, vocab_size=20_000)
+    lora = train(apply_lora(big), tokenizer, data, None, quick_config(tmp_path / "lora", max_steps=1))
+    assert lora.history.info["fused_loss"] and "35% less memory" in lora.history.info["fused_loss_reason"]
