@@ -4,8 +4,10 @@
 
 * **divergence** — a non-finite loss (NaN/inf), skipped non-finite steps, or a loss that shot up;
 * **overfitting** — validation loss turning up while training loss keeps falling (with the step it began);
-* **underfitting** — training and validation loss barely moved during the whole run;
-* **plateau** — the loss improved, then stopped improving for the last part of the run;
+* **underfitting** — training and validation loss barely moved during the whole run (a short run whose loss is
+  still falling is "too short to judge", not underfitting);
+* **plateau** — the loss improved, then stopped improving for the last part of the run (not when a decayed
+  schedule simply ended while the validation loss was still at its best);
 * **noisy loss** — step-to-step swings large compared with the trend;
 
 and says **healthy** when it sees none of them. Divergence is reported alone (nothing else means much then), a
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .evaluation import PERPLEXITY_CAP_LOSS
 from .history import History
 
 #: Loss changes below this (nats) are treated as no change.
@@ -128,6 +131,17 @@ def _divergence(history: History, vocab_size: int | None) -> Diagnosis | None:
                 advice,
             )
         lowest = min(lowest, statistics.median(losses[max(0, i - 2) : i + 1]))
+    capped = [r.step for r in history.eval_records if r.eval_loss >= PERPLEXITY_CAP_LOSS]
+    if capped:
+        return Diagnosis(
+            "divergence",
+            "error",
+            capped[0],
+            f"the validation loss reached {max(r.eval_loss for r in history.eval_records):.1f} nats per token at step "
+            f"{capped[0]}: its perplexity is beyond 10^12 and shows only as the cap, exp({PERPLEXITY_CAP_LOSS}) ≈ "
+            f"{math.exp(PERPLEXITY_CAP_LOSS):.2e} (the model puts almost no probability on the right tokens)",
+            advice,
+        )
     return None
 
 
@@ -150,23 +164,47 @@ def _overfitting(history: History) -> Diagnosis | None:
         return None  # validation rose but training did not improve either: not overfitting
     config = history.info.get("config", {})
     wd, lr = config.get("weight_decay", 0.01), config.get("learning_rate", 5e-4)
+    dropout = history.info.get("dropout")
+    regularise = ["more training data"]
+    regularise.append(
+        f"weight_decay=0.1 (now {wd:g})" if wd < 0.1 else f"(weight decay is already {wd:g}; more rarely helps)"
+    )
+    if dropout is None or dropout < 0.1:
+        regularise.append(f"dropout 0.1 (now {dropout if dropout is not None else 'unknown'}; strategies.set_dropout)")
+    else:
+        regularise.append(f"(dropout is already {dropout:g})")
     evidence = (
         f"validation loss was lowest at step {best.step} ({best.eval_loss:.3f}) and rose to {last.eval_loss:.3f} "
         f"by step {last.step}, while training loss fell from {at_best:.3f} to {smooth[-1]:.3f}"
     )
     advice = (
         f"Keep the model from step {best.step} (the 'best' folder) and stop there: early_stopping_patience=2 or "
-        f"max_steps≈{best.step}. Then regularise: more training data, weight_decay={max(0.1, 10 * wd):g} "
-        f"(now {wd:g}), dropout 0.1 (strategies.set_dropout), learning_rate={lr / 3:.1e} (now {lr:.1e}), or train "
-        "fewer parameters (freeze the lower blocks, or LoRA)."
+        f"max_steps≈{best.step}. Then regularise: {', '.join(regularise)}, learning_rate={lr / 3:.1e} (now {lr:.1e}), "
+        "or train fewer parameters (freeze the lower blocks, or LoRA)."
     )
     severity = "warning" if rise < 0.1 * best.eval_loss else "error"
     return Diagnosis("overfitting", severity, best.step, evidence, advice)
 
 
 def _improvement(values: Sequence[float]) -> float:
+    """How much the smoothed values fell, as a fraction of where they started (negative: they rose)."""
     smooth = _smooth(values)
     return (smooth[0] - smooth[-1]) / abs(smooth[0]) if smooth[0] else 0.0
+
+
+def _still_falling(values: Sequence[float]) -> bool:
+    """Whether the second half of the values is clearly lower than the first: a trend, not noise."""
+    if len(values) < 4:
+        return False
+    half = len(values) // 2
+    first, second = statistics.median(values[:half]), statistics.median(values[half:])
+    return first - second > max(MIN_CHANGE / 2, 2 * _noise(values) / math.sqrt(half))
+
+
+def _change(start: float, end: float) -> str:
+    return (
+        f"fell by {100 * (start - end) / start:.1f}%" if end < start else f"rose by {100 * (end - start) / start:.1f}%"
+    )
 
 
 def _underfitting(history: History) -> Diagnosis | None:
@@ -178,6 +216,18 @@ def _underfitting(history: History) -> Diagnosis | None:
     eval_gain = _improvement(eval_losses) if len(eval_losses) >= 2 else train_gain
     if max(train_gain, eval_gain) >= UNDERFIT_FRACTION:
         return None
+    falling = _still_falling(losses) and (len(eval_losses) < 2 or eval_losses[-1] < eval_losses[0])
+    smooth = _smooth(losses)
+    if falling:  # a short run that is learning: too early to call it underfitting
+        return Diagnosis(
+            "too short to judge",
+            "info",
+            None,
+            f"over {steps[-1]} steps the smoothed training loss {_change(smooth[0], smooth[-1])} "
+            f"({smooth[0]:.3f} → {smooth[-1]:.3f}) and is still going down"
+            + (f"; validation {eval_losses[0]:.3f} → {eval_losses[-1]:.3f}" if len(eval_losses) >= 2 else ""),
+            f"The settings look fine; the run is just short. Train longer (max_steps={4 * steps[-1]}) before judging.",
+        )
     lr = _setting(history, "learning_rate", 5e-4)
     trainable = history.info.get("trainable_parameters")
     total = history.info.get("parameters")
@@ -187,9 +237,9 @@ def _underfitting(history: History) -> Diagnosis | None:
         else ""
     )
     evidence = (
-        f"over {steps[-1]} steps the training loss went from {losses[0]:.3f} to {losses[-1]:.3f} "
-        f"({100 * train_gain:+.1f}%)"
-        + (f", validation from {eval_losses[0]:.3f} to {eval_losses[-1]:.3f}" if eval_losses else "")
+        f"over {steps[-1]} steps the smoothed training loss {_change(smooth[0], smooth[-1])} "
+        f"({smooth[0]:.3f} → {smooth[-1]:.3f}; logged {losses[0]:.3f} → {losses[-1]:.3f})"
+        + (f", validation {eval_losses[0]:.3f} → {eval_losses[-1]:.3f}" if eval_losses else "")
     )
     advice = (
         f"The model is hardly learning. Raise the learning rate 10× (learning_rate={min(lr * 10, 0.5):.1e} instead of "
@@ -214,6 +264,9 @@ def _plateau(history: History) -> Diagnosis | None:
     since = next(s for s, v in zip(steps, smooth) if v - final < max(MIN_CHANGE, 0.1 * (smooth[0] - final)))
     _, rates = _series(history, "learning_rate")
     annealed = rates and rates[-1] < 0.3 * max(rates)
+    evals = history.eval_records
+    if annealed and len(evals) >= 2 and history.best is evals[-1]:
+        return None  # the schedule ran its course and validation was still at its best at the end: not a plateau
     evidence = (
         f"the training loss fell {smooth[0] - smooth[cut]:.2f} in the first {steps[cut]} steps, then changed by "
         f"{final - smooth[cut]:+.2f} in the last {steps[-1] - steps[cut]} (now {final:.3f}); it has been within "

@@ -69,9 +69,13 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
     return (labels != -100).sum() if labels.ndim == 1 else (labels[:, 1:] != -100).sum()
 
 
+#: Losses from here on give the same (capped) perplexity, exp(27.6) ≈ 9.7e11: "no idea", not a measurement.
+PERPLEXITY_CAP_LOSS = 27.6
+
+
 def perplexity(mean_loss: float) -> float:
-    """``exp(mean_loss)``, capped to avoid overflow (a perplexity above 1e12 means 'no idea')."""
-    return math.exp(min(mean_loss, 27.6))
+    """``exp(mean_loss)``, capped at ``exp(PERPLEXITY_CAP_LOSS)`` to avoid overflow (such a model has no idea)."""
+    return math.exp(min(mean_loss, PERPLEXITY_CAP_LOSS))
 
 
 @torch.no_grad()

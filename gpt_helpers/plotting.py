@@ -115,7 +115,7 @@ def plot_history(
     loss_axis.set(xlabel=xlabel, ylabel="loss (nats per token)", title="Loss")
     ppl_axis.set(xlabel=xlabel, ylabel="perplexity", title="Validation perplexity (★ best)")
     if log_perplexity and any(r.eval_records for r in runs.values()):
-        ppl_axis.set_yscale("log")
+        readable_log_axis(ppl_axis)
     for axis in (loss_axis, ppl_axis):
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
@@ -129,6 +129,26 @@ def plot_history(
     if show:
         plt.show()
     return figure
+
+
+def readable_log_axis(axis, which: str = "y") -> None:
+    """A log scale whose ticks read as plain numbers (150, 200, 300, 500 — not 2×10²), so values can be read off.
+
+    >>> from matplotlib.figure import Figure
+    >>> axis = Figure().subplots()
+    >>> _ = axis.plot([1, 2], [150, 420])
+    >>> readable_log_axis(axis)
+    >>> axis.get_yscale()
+    'log'
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    scale = axis.set_yscale if which == "y" else axis.set_xscale
+    target = axis.yaxis if which == "y" else axis.xaxis
+    scale("log")
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 10 else f"{value:g}"))
+    target.set_minor_formatter(NullFormatter())
 
 
 class LivePlot:

@@ -306,6 +306,13 @@ def _fused_loss_choice(
     return True, "a large frozen output layer on CPU: 35% less memory, same speed (measured on SmolLM2-135M)"
 
 
+def _largest_dropout(model: torch.nn.Module) -> float:
+    """The largest dropout probability in the model (its modules, and the rate passed to attention kernels)."""
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.attention_dropout for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    return max(rates, default=0.0)
+
+
 def _batch_of(dataset, indices: torch.Tensor) -> dict[str, torch.Tensor]:
     if hasattr(dataset, "input_ids") and hasattr(dataset, "labels"):
         return {
@@ -427,6 +434,7 @@ class _Loop:
             "compile": bool(use_compile),
             "compile_reason": compile_reason,
             "fused_adamw": bool(fused),
+            "dropout": _largest_dropout(model),
             "fused_loss": self.fused,
             "fused_loss_reason": fused_reason,
             "padded_vocabulary": self.vocabulary.size if self.vocabulary.active else None,

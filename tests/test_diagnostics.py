@@ -155,3 +155,63 @@ def test_format_diagnosis_prints_every_finding():
     text = format_diagnosis(findings)
     assert text.splitlines()[0] == "[warning] overfitting (from step 40): validation rose"
     assert "→ larger batch" in text and text.count("[") == 2
+
+
+def _history(losses, *, evals=(), lr=None, **info) -> History:
+    """A history logged as the loop logs it: each step's training loss, and at some steps the validation loss."""
+    history = History(info={"config": {"learning_rate": 1e-3, "weight_decay": 0.1, "warmup_steps": 0}, **info})
+    validation = dict(evals)
+    for step, loss in enumerate(losses, start=1):
+        rate = lr[step - 1] if lr else 1e-3
+        history.log(step=step, epoch=0, tokens_seen=step * 100, learning_rate=rate, train_loss=loss)
+        if step in validation:
+            history.log(
+                step=step,
+                epoch=0,
+                tokens_seen=step * 100,
+                learning_rate=rate,
+                eval_loss=validation[step],
+                eval_perplexity=math.exp(validation[step]),
+            )
+    return history
+
+
+def test_a_short_run_that_is_learning_is_not_called_underfitting():
+    # 8 steps at a fine learning rate: the loss falls steadily, 2.2% in all (under the 3% underfitting threshold)
+    losses = [5.95, 5.94, 5.92, 5.90, 5.88, 5.86, 5.84, 5.82]
+    findings = diagnose(_history(losses, evals=[(4, 6.0), (8, 5.9)]))
+    assert problems(findings) == ["too short to judge"] and findings[0].severity == "info"
+    assert "fell by" in findings[0].evidence and "Raise the learning rate" not in findings[0].advice
+    assert "max_steps=32" in findings[0].advice
+
+
+def test_underfitting_says_whether_the_loss_fell_or_rose():
+    flat = [5.97, 6.05, 5.99, 6.10, 6.02, 6.08, 6.01, 6.10]  # noise around a level: no learning
+    findings = diagnose(_history(flat, evals=[(4, 6.05), (8, 6.06)]))
+    assert problems(findings) == ["underfitting"]
+    assert "rose by" in findings[0].evidence or "fell by" in findings[0].evidence
+    assert "+" not in findings[0].evidence.split("(")[0]
+
+
+def test_a_finished_schedule_with_validation_still_improving_is_not_a_plateau():
+    losses = [6.0, 5.2, 4.8, 4.6, 4.5, 4.45, 4.43, 4.42, 4.415, 4.41, 4.408, 4.407]
+    decayed = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / 11))) for i in range(12)]
+    findings = diagnose(_history(losses, evals=[(4, 4.9), (8, 4.7), (12, 4.65)], lr=decayed))
+    assert "plateau" not in problems(findings)
+    assert problems(findings) == ["healthy"] and "Still improving" in findings[0].advice
+
+
+def test_overfitting_advice_does_not_repeat_settings_the_run_already_has():
+    losses = [5.0, 4.5, 4.0, 3.6, 3.2, 2.9, 2.6, 2.3, 2.0, 1.8]
+    evals = [(2, 4.8), (4, 4.5), (6, 4.6), (8, 4.9), (10, 5.3)]
+    findings = diagnose(_history(losses, evals=evals, dropout=0.1))
+    assert problems(findings)[0] == "overfitting"
+    advice = findings[0].advice
+    assert "weight_decay=1" not in advice and "already 0.1" in advice and "dropout is already 0.1" in advice
+    fresh = diagnose(_history(losses, evals=evals, dropout=0.0))[0].advice
+    assert "dropout 0.1 (now 0.0" in fresh
+
+
+def test_a_capped_perplexity_is_called_what_it_is():
+    findings = diagnose(_history([3.0, 3.1, 2.9, 3.0], evals=[(2, 40.0), (4, 35.0)]))
+    assert problems(findings) == ["divergence"] and "shows only as the cap" in findings[0].evidence
