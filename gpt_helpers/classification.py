@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -220,6 +221,50 @@ def predict(model, dataset: ClassificationDataset, *, batch_size: int = 32) -> t
     model.train(was_training)
     probabilities = torch.cat(probabilities)
     return probabilities.argmax(-1).tolist(), probabilities
+
+
+@torch.no_grad()
+def last_token_features(
+    model, dataset: ClassificationDataset, *, batch_size: int = 32, precision: str = "auto"
+) -> torch.Tensor:
+    """The body's final hidden state at each text's last real token (float32, one row per text): exactly what a
+    classifier head reads. ``model`` is a causal LM or a classifier; its output layer is never computed. A frozen
+    body plus a linear head *is* a linear model on these features, so scikit-learn's LogisticRegression on them
+    trains the frozen-body classifier of a large model in seconds.
+
+    ``precision``: ``"fp32"``, ``"bf16"``, or ``"auto"``: bf16 on a GPU that has it; on a CPU with bf16 instructions
+    the first batch runs in both and the faster one does the rest (bf16 pays for a 100M-parameter model, not a tiny
+    one); fp32 elsewhere.
+    """
+    from .precision import cpu_bf16_instructions
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+
+    def features(start: int, dtype: torch.dtype | None) -> torch.Tensor:
+        mask = dataset.attention_mask[start : start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            hidden = model.base_model(
+                input_ids=dataset.input_ids[start : start + batch_size].to(device), attention_mask=mask
+            ).last_hidden_state
+        last = mask.sum(1) - 1  # right-padded: the last real token of each text
+        return hidden[torch.arange(len(last), device=device), last].float().cpu()
+
+    candidates: list[torch.dtype | None] = [None]
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        candidates = [torch.bfloat16]
+    elif precision == "auto" and device.type == "cpu" and cpu_bf16_instructions():
+        candidates = [None, torch.bfloat16]
+    timed = {}
+    for dtype in candidates:
+        started = time.perf_counter()
+        first = features(0, dtype)
+        timed[dtype] = (time.perf_counter() - started, first)
+    chosen = min(timed, key=lambda dtype: timed[dtype][0])
+    rows = [timed[chosen][1]] + [features(start, chosen) for start in range(batch_size, len(dataset), batch_size)]
+    model.train(was_training)
+    return torch.cat(rows)
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -6,6 +6,7 @@
     python -m gpt_helpers generate --model runs/reviews/best --prompt "This medicine"
     python -m gpt_helpers finetune --data drug_reviews --model smollm2-135m-instruct --lora --out runs/real
     python -m gpt_helpers chat --model smollm2-135m-instruct
+    python -m gpt_helpers classify --data drug_reviews --label-field sentiment --out runs/sentiment
     python -m gpt_helpers course --ci
     python -m gpt_helpers info
 
@@ -282,9 +283,11 @@ def _check_out_folder(out: Path, resume: bool) -> None:
         )
 
 
-def _training_config(args: argparse.Namespace) -> TrainingConfig:
-    """The file's settings (if any), then only the flags given on the command line over them."""
-    values: dict[str, Any] = TrainingConfig.load(args.config).to_dict() if args.config else {}
+def _training_config(args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> TrainingConfig:
+    """``defaults``, then the file's settings (if any), then only the flags given on the command line over them."""
+    values: dict[str, Any] = dict(defaults or {})
+    if args.config:
+        values.update(TrainingConfig.load(args.config).to_dict())
     given = {spec.name: getattr(args, spec.name) for spec in fields(TrainingConfig) if hasattr(args, spec.name)}
     if given.keys() & {"max_steps", "epochs"}:  # --steps alone means N steps, --epochs alone N passes
         given = {"max_steps": None, "epochs": None, **given}
@@ -381,6 +384,75 @@ def _generate(args: argparse.Namespace) -> int:
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )[0]
     print(args.prompt + text)
+    return 0
+
+
+def _labelled_splits(args: argparse.Namespace):
+    """Training and validation data of a classification run, checked before anything is written."""
+    from .classification import COURSE_LABELS, LabelledData, load_labelled
+    from .data import COURSE_DATASETS
+
+    course = args.data in COURSE_DATASETS and not Path(args.data).exists()
+    if course and COURSE_LABELS.get(args.data) != args.label_field:
+        labelled = ", ".join(f"{name} (--label-field {field})" for name, field in COURSE_LABELS.items())
+        raise DataError(
+            f"The course dataset '{args.data}' has no labels in '{args.label_field}'. Labelled: {labelled}."
+        )
+    train = load_labelled(args.data, text_field=args.text_field, label_field=args.label_field, split="train")
+    if args.eval_data or course:
+        evaluation = load_labelled(
+            args.eval_data or args.data,
+            text_field=args.text_field,
+            label_field=args.label_field,
+            split="validation",
+            classes=train.classes,
+        )
+        return train, evaluation
+    import random
+
+    order = list(range(len(train)))
+    random.Random(0).shuffle(order)
+    held = max(1, round(args.validation * len(train)))
+    if held >= len(train):
+        raise DataError(f"'{args.data}': {len(train)} labelled texts are too few to hold out a validation set.")
+
+    def pick(indices: list[int]) -> LabelledData:
+        return LabelledData([train.texts[i] for i in indices], [train.labels[i] for i in indices], list(train.classes))
+
+    return pick(sorted(order[held:])), pick(sorted(order[:held]))
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from .classification import (
+        classification_metrics,
+        load_classifier,
+        plot_confusion,
+        predict,
+        prepare_classification,
+        train_classifier,
+    )
+
+    values: dict[str, Any] = {"max_steps": 200, "batch_size": 16, "learning_rate": 1e-3, "eval_every": 50}
+    if args.config:
+        values.update(TrainingConfig.load(args.config).to_dict())
+    args.config = None
+    config = _training_config(args, defaults=values)
+    out = Path(config.output_dir)
+    _check_out_folder(out, config.resume)
+    train, evaluation = _labelled_splits(args)
+    model, tokenizer = load_classifier(args.model, train.classes, seed=config.seed)
+    train_data = prepare_classification(tokenizer, train, max_length=args.max_length)
+    eval_data = prepare_classification(tokenizer, evaluation, max_length=args.max_length)
+    counts = ", ".join(f"{name} {count}" for name, count in train.counts().items())
+    print(f"Data: {len(train)} training texts ({counts}), {len(evaluation)} for validation; classes {train.classes}")
+    result = train_classifier(model, tokenizer, train_data, eval_data, config, method=args.method)
+    predicted, _ = predict(result.model, eval_data)
+    metrics = classification_metrics(eval_data.labels.tolist(), predicted, train.classes, seed=config.seed)
+    (out / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=1), encoding="utf-8")
+    plot_confusion(metrics, save_to=out / "confusion_matrix.png")
+    print(result)
+    print(f"Validation: {metrics}")
+    print(f"Metrics: {out / 'metrics.json'}\nConfusion matrix: {out / 'confusion_matrix.png'}")
     return 0
 
 

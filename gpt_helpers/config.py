@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "slanted_triangular")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -64,6 +64,7 @@ class TrainingConfig:
     compile: bool | None = None  # torch.compile the model; None: on CUDA for runs long enough to repay compiling
     fused_adamw: bool | None = None  # one fused AdamW kernel; None: on CUDA and CPU
     pad_vocab_to_multiple_of: int | None = None  # pad the output layer for faster matmuls; None: 64 on CUDA, 0: off
+    document_attention: bool = False  # packed blocks: each document attends only to itself (positions restart)
     fused_loss: bool | None = None  # output layer + loss chunk by chunk; None: on CPU with a frozen output layer
     gradient_checkpointing: bool = False
     nonfinite: str = "stop"

@@ -25,6 +25,8 @@ from .errors import GPTHelpersError
 logger = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+#: The course's git repository, which each lesson's Colab install cell clones (every lesson's COURSE_REPO parameter).
+COURSE_REPO = "https://github.com/<owner>/<course-repo>.git"
 RESULTS_ENV = "GPT_HELPERS_LESSON_RESULTS"
 
 
@@ -43,8 +45,19 @@ class Lesson:
 
 LESSONS: list[Lesson] = [
     Lesson("00_setup.ipynb", "Set up", {"MAX_NEW_TOKENS": 10}),
-    Lesson("01_choose_model.ipynb", "Choose a pre-trained model", {"EVAL_BATCHES": 2}),
-    Lesson("02_prepare_data.ipynb", "Prepare your dataset", {"SPEED_TEXTS": 8}),
+    Lesson(
+        "01_choose_model.ipynb",
+        "Choose a pre-trained model",
+        {
+            "EVAL_BATCHES": 2,
+            "SPEED_STEPS": 2,
+            "CPU_BATCH_SIZE": 2,
+            "CPU_BLOCK_SIZE": 32,
+            "BPB_TEXTS": 3,
+            "MAX_NEW_TOKENS": 5,
+        },
+    ),
+    Lesson("02_prepare_data.ipynb", "Prepare your dataset", {"SPEED_TEXTS": 8, "EOS_STEPS": 2}),
     Lesson(
         "03_training_environment.ipynb",
         "The training environment",
@@ -62,7 +75,22 @@ LESSONS: list[Lesson] = [
     Lesson(
         "04_fine_tune.ipynb",
         "Fine-tune",
-        {"MAX_STEPS": 8, "EVAL_EVERY": 4, "EVAL_BATCHES": 2, "BATCH_SIZE": 4, "BLOCK_SIZE": 64, "MAX_NEW_TOKENS": 8},
+        {
+            "MAX_STEPS": 8,
+            "EVAL_EVERY": 4,
+            "EVAL_BATCHES": 2,
+            "BATCH_SIZE": 4,
+            "BLOCK_SIZE": 64,
+            "MAX_NEW_TOKENS": 8,
+            "LR_GRID": [5e-4, 2e-3],
+            "SEEDS": [0, 1],
+            "COMPARE_STEPS": 2,
+            "REAL_STEPS": 2,
+            "REAL_BATCH_SIZE": 2,
+            "REAL_BLOCK_SIZE": 32,
+            "REAL_EVAL_BATCHES": 2,
+            "EXERCISE_STEPS": 4,
+        },
     ),
     Lesson(
         "05_monitor_evaluate.ipynb",
@@ -76,6 +104,8 @@ LESSONS: list[Lesson] = [
             "PATIENCE": 2,
             "COMPARE_LEARNING_RATES": [1e-3, 3e-3],
             "COMPARE_STEPS": 4,
+            "SEEDS": [0, 1],
+            "TRACKING_STEPS": 2,
         },
     ),
     Lesson(
@@ -103,6 +133,12 @@ LESSONS: list[Lesson] = [
             "EVAL_BATCHES": 2,
             "FRACTIONS": [0.05],
             "MEMORY_BATCH_SIZES": [1],
+            "SEEDS": [0, 1],
+            "REAL_STRATEGIES": ["lora", "frozen_body"],
+            "REAL_STEPS": 1,
+            "REAL_BATCH_SIZE": 1,
+            "REAL_BLOCK_SIZE": 32,
+            "REAL_EVAL_BATCHES": 1,
         },
     ),
     Lesson(
@@ -116,9 +152,18 @@ LESSONS: list[Lesson] = [
             "MAX_NEW_TOKENS": 12,
             "N_EVAL_PROMPTS": 6,
             "N_TABLE_PROMPTS": 2,
+            "REAL_STEPS": 2,
+            "REAL_BATCH_SIZE": 2,
+            "REAL_BLOCK_SIZE": 64,
+            "N_REAL_PROMPTS": 1,
         },
     ),
     Lesson("09_save_share.ipynb", "Save, share and use", {"MAX_STEPS": 6, "EVAL_EVERY": 3, "WARMUP_STEPS": 2}),
+    Lesson(
+        "10_sampling.ipynb",
+        "How a model chooses its words: sampling",
+        {"N_SAMPLES": 2, "MAX_NEW_TOKENS": 5, "LONG_TOKENS": 12, "SHOWN_TOKENS": 5},
+    ),
 ]
 
 

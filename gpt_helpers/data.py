@@ -510,6 +510,29 @@ def labels_from_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Te
     return input_ids.masked_fill(attention_mask == 0, -100)
 
 
+def document_attention(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document attention for packed blocks: a ``(batch, 1, seq, seq)`` additive mask that lets each token see
+    only the earlier tokens of its own document (documents end at ``eos_id``), and position ids that restart at 0
+    with every document. With both, each document in a block is computed exactly as if it stood alone.
+
+    >>> mask, positions = document_attention(torch.tensor([[5, 6, 0, 7, 8]]), eos_id=0)
+    >>> positions.tolist(), (mask[0, 0] == 0).int().tolist()[3]
+    ([[0, 1, 2, 0, 1]], [0, 0, 0, 1, 0])
+    """
+    batch, length = input_ids.shape
+    starts = torch.cat(
+        [torch.ones(batch, 1, dtype=torch.bool, device=input_ids.device), input_ids[:, :-1] == eos_id], dim=1
+    )  # a document starts after each EOS
+    document = starts.long().cumsum(1)
+    same = document[:, :, None] == document[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    mask = torch.zeros(batch, 1, length, length, device=input_ids.device)
+    mask.masked_fill_(~(same & causal)[:, None], torch.finfo(mask.dtype).min)
+    position = torch.arange(length, device=input_ids.device).expand(batch, length)
+    first = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=1).values
+    return mask, position - first
+
+
 class LMDataset(torch.utils.data.Dataset):
     """Fixed-length examples for causal LM training: ``input_ids``, ``attention_mask`` and ``labels``."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import document_attention
 from .errors import ConfigError, GPTHelpersError
 from .models import model_context_length
 
@@ -80,13 +81,21 @@ def perplexity(mean_loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model, dataset, *, batch_size: int = 16, max_batches: int | None = None, device: str | torch.device | None = None
+    model,
+    dataset,
+    *,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    document_eos_id: int | None = None,
 ) -> EvalResult:
     """Token-weighted loss, perplexity and next-token accuracy of ``model`` on ``dataset`` (for a classifier's
     dataset: the mean loss per example and the accuracy; perplexity is NaN).
 
     ``dataset`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels`` (an :class:`~gpt_helpers.data.LMDataset`).
-    ``max_batches`` bounds the work (batches in order, so the number is repeatable).
+    ``max_batches`` bounds the work (batches in order, so the number is repeatable). ``document_eos_id`` scores
+    packed blocks with per-document attention (:func:`gpt_helpers.data.document_attention`): each document sees
+    only itself, as when it is evaluated alone.
 
     >>> from gpt_helpers.models import load_model
     >>> from gpt_helpers.data import prepare_dataset
@@ -109,7 +118,10 @@ def evaluate(
         if max_batches is not None and index >= max_batches:
             break
         batch = {key: value.to(device) for key, value in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if document_eos_id is not None:
+            inputs["attention_mask"], inputs["position_ids"] = document_attention(batch["input_ids"], document_eos_id)
+        logits = model(**inputs).logits
         labels = batch["labels"]
         losses, mask = target_losses(logits, labels)
         loss_sum += losses.sum(dtype=torch.float64)
@@ -130,6 +142,46 @@ def evaluate(
         accuracy=int(correct) / tokens,
         tokens=tokens,
     )
+
+
+@torch.no_grad()
+def perplexity_interval(
+    model, dataset, *, batch_size: int = 16, confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(perplexity, low, high)``: the perplexity of ``model`` on ``dataset`` and a percentile bootstrap interval
+    over its examples (blocks or conversations drawn with replacement, token-weighted), so a test number on a few
+    hundred tokens comes with its uncertainty. Blocks of one text are not independent: read it as a lower bound.
+
+    >>> from gpt_helpers.models import load_model
+    >>> from gpt_helpers.data import prepare_dataset
+    >>> model, tok = load_model()
+    >>> data, _ = prepare_dataset(tok, ["A short text to score, and another one to go with it."] * 8, block_size=8)
+    >>> value, low, high = perplexity_interval(model, data, resamples=100)
+    >>> low <= value <= high
+    True
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset[start : start + batch_size]
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        losses, mask = target_losses(logits, batch["labels"].to(device))
+        sums += losses.sum(dim=-1).double().cpu().tolist() if losses.ndim > 1 else losses.double().cpu().tolist()
+        counts += mask.sum(dim=-1).cpu().tolist() if mask.ndim > 1 else mask.long().cpu().tolist()
+    model.train(was_training)
+    sums_t, counts_t = torch.tensor(sums), torch.tensor(counts, dtype=torch.float64)
+    if counts_t.sum() == 0:
+        raise GPTHelpersError("No tokens to score: every label is masked.")
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(sums), (resamples, len(sums)), generator=generator)
+    means = sums_t[picks].sum(1) / counts_t[picks].sum(1).clamp(min=1)
+    tail = (1 - confidence) / 2
+    low, high = means.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return perplexity(float(sums_t.sum() / counts_t.sum())), perplexity(low), perplexity(high)
 
 
 @dataclass(frozen=True)
@@ -222,8 +274,8 @@ def generate(
 ) -> list[str]:
     """Continue one prompt or several; returns the generated continuations (prompt not included).
 
-    ``do_sample=False`` gives greedy decoding; ``seed`` makes sampling repeatable. An empty prompt starts a
-    new text from the EOS token.
+    ``do_sample=False`` gives greedy decoding; ``seed`` makes sampling repeatable (``None``: fresh draws);
+    ``top_k=None`` / ``top_p=None`` turn those filters off. An empty prompt starts a new text from the EOS token.
 
     >>> from gpt_helpers.models import load_model
     >>> model, tok = load_model()
@@ -250,8 +302,8 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=repetition_penalty,
     )
-    if do_sample:
-        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if do_sample:  # None turns a filter off (transformers would fall back to its own default of top-k 50)
+        options.update(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
     else:
         options.update(temperature=None, top_k=None, top_p=None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

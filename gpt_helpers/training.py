@@ -39,6 +39,7 @@ from accelerate.utils import set_seed
 
 from . import checkpoints, resume
 from .config import TrainingConfig
+from .data import document_attention
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluation import EvalResult, count_targets, evaluate, perplexity, target_losses
 from .fused_loss import decoder_of, linear_cross_entropy, supports_fused_loss
@@ -216,8 +217,25 @@ class Callbacks:
 
 
 # ------------------------------------------------------------------------------------------- set-up helpers
+#: ULMFiT's slanted triangular schedule: the rate rises for this fraction of the run, then falls, …
+STLR_CUT = 0.1
+#: … from 1/ratio of the peak to the peak and back (Howard & Ruder, 2018).
+STLR_RATIO = 32
+
+
 def lr_factor(progress: float, step: int, config: TrainingConfig) -> float:
-    """Linear warmup for ``warmup_steps``, then cosine / linear decay to ``min_lr_ratio`` (or constant)."""
+    """Linear warmup for ``warmup_steps``, then cosine / linear decay to ``min_lr_ratio`` (or constant); or ULMFiT's
+    slanted triangular schedule (``"slanted_triangular"``: a short linear rise over the first 10% of the run, a long
+    linear fall, from and to 1/32 of the peak; it has its own warmup).
+
+    >>> config = TrainingConfig(lr_schedule="slanted_triangular")
+    >>> [round(lr_factor(p, 0, config), 3) for p in (0.0, 0.1, 0.55, 1.0)]
+    [0.031, 1.0, 0.516, 0.031]
+    """
+    if config.lr_schedule == "slanted_triangular":
+        progress = min(max(progress, 0.0), 1.0)
+        p = progress / STLR_CUT if progress < STLR_CUT else 1 - (progress - STLR_CUT) / (1 - STLR_CUT)
+        return (1 + p * (STLR_RATIO - 1)) / STLR_RATIO
     if step < config.warmup_steps:
         return (step + 1) / (config.warmup_steps + 1)
     if config.lr_schedule == "constant":
@@ -415,6 +433,11 @@ class _Loop:
         use_compile, compile_reason = _compile_choice(config, device_type, self.max_steps)
         self.fused, fused_reason = _fused_loss_choice(config, model, device_type, self.world, self.vocabulary.active)
         self.output_weight = model.get_output_embeddings().weight if self.fused else None
+        self.eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if config.document_attention and self.eos_id is None:
+            raise ConfigError(
+                "document_attention=True finds documents by their EOS token: pass the tokenizer to train()."
+            )
         forward = decoder_of(model) if self.fused else self.model
         self.forward_model = torch.compile(forward) if use_compile else forward
         self.state = TrainState(
@@ -559,6 +582,8 @@ class _Loop:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed loss of a micro-batch's targets (ignored targets, -100, count 0)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self.config.document_attention:
+            inputs["attention_mask"], inputs["position_ids"] = document_attention(batch["input_ids"], self.eos_id)
         with self.accelerator.autocast():
             if self.fused:  # the body's hidden states, then the output layer and the loss chunk by chunk
                 hidden = self.forward_model(**inputs).last_hidden_state
@@ -677,6 +702,7 @@ class _Loop:
                 batch_size=config.eval_batch_size,
                 max_batches=config.eval_batches,
                 device=self.accelerator.device,
+                document_eos_id=self.eos_id if config.document_attention else None,
             )
         self.last_eval = result
         self.history.log(

@@ -342,3 +342,22 @@ def test_texts_too_short_for_one_block(tokenizer):
         prepare_dataset(tokenizer, ["x"], mode="stack")
     with pytest.raises(DataError, match="No training examples"):
         LMDataset(torch.zeros((0, 8), dtype=torch.long))
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_document_attention_computes_each_packed_document_as_if_alone(make, tokenizer):
+    from gpt_helpers.data import document_attention
+
+    from conftest import make_tiny_gpt2, make_tiny_llama
+
+    model = (make_tiny_gpt2 if make == "gpt2" else make_tiny_llama)(tokenizer).eval()
+    eos = tokenizer.eos_token_id
+    first, second = [5, 6, 7, 8, eos], [9, 10, 11, 12, 13, 14]
+    packed = torch.tensor([first + second])
+    mask, positions = document_attention(packed, eos)
+    with torch.no_grad():
+        together = model(input_ids=packed, attention_mask=mask, position_ids=positions).logits[0, len(first) :]
+        alone = model(input_ids=torch.tensor([second])).logits[0]
+        plain = model(input_ids=packed).logits[0, len(first) :]
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)  # fp32: the same sums, in one order or another
+    assert (plain - alone).abs().max() > 1e-3, "without it the second document sees the first"
