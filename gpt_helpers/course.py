@@ -54,6 +54,7 @@ LESSONS: list[Lesson] = [
             "CPU_BATCH_SIZE": 2,
             "CPU_BLOCK_SIZE": 32,
             "BPB_TEXTS": 3,
+            "EVAL_BLOCK_SIZE": 32,
             "MAX_NEW_TOKENS": 5,
         },
     ),
@@ -163,6 +164,11 @@ LESSONS: list[Lesson] = [
         "10_sampling.ipynb",
         "How a model chooses its words: sampling",
         {"N_SAMPLES": 2, "MAX_NEW_TOKENS": 5, "LONG_TOKENS": 12, "SHOWN_TOKENS": 5},
+    ),
+    Lesson(
+        "11_classification.ipynb",
+        "Transfer learning for classification",
+        {"MAX_LENGTH": 24, "STEPS": 4, "STAGE1_STEPS": 2, "SEEDS": [0, 1], "SIZES": [50, 0]},
     ),
 ]
 

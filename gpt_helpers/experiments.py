@@ -278,9 +278,12 @@ def summarize(
     return table
 
 
-def ranking_text(table: list[dict[str, Any]], *, key: str = "best_perplexity", name: str = "strategy") -> str:
-    """The groups of :func:`summarize` from best (lowest mean ``key``) to worst, one line each, saying whether each
-    is apart from the next beyond their spread (their ranges over the seeds do not overlap) or within noise.
+def ranking_text(
+    table: list[dict[str, Any]], *, key: str = "best_perplexity", name: str = "strategy", higher_is_better: bool = False
+) -> str:
+    """The groups of :func:`summarize` from best (lowest mean ``key``, or highest with ``higher_is_better``, as for
+    accuracy) to worst, one line each, saying whether each is apart from the one above beyond their spread (their
+    ranges over the seeds do not overlap) or within noise.
 
     >>> print(ranking_text([{"strategy": "a", "runs": 3, "best_perplexity_mean": 10.0, "best_perplexity_std": 0.5,
     ...                      "best_perplexity_min": 9.5, "best_perplexity_max": 10.5},
@@ -289,7 +292,11 @@ def ranking_text(table: list[dict[str, Any]], *, key: str = "best_perplexity", n
     1. a: 10.00 ± 0.50 (3 runs, 9.50-10.50)
     2. b: 10.40 ± 0.50 (3 runs, 9.90-10.90) - within noise of a (the ranges overlap)
     """
-    ranked = sorted((row for row in table if row.get(f"{key}_mean") is not None), key=lambda row: row[f"{key}_mean"])
+    ranked = sorted(
+        (row for row in table if row.get(f"{key}_mean") is not None),
+        key=lambda row: row[f"{key}_mean"],
+        reverse=higher_is_better,
+    )
     lines = []
     for index, row in enumerate(ranked):
         line = (
@@ -300,7 +307,11 @@ def ranking_text(table: list[dict[str, Any]], *, key: str = "best_perplexity", n
             above = ranked[index - 1]
             if row["runs"] < 2 or above["runs"] < 2:
                 line += f" - one run each: no spread to compare with {above[name]}"
-            elif row[f"{key}_min"] <= above[f"{key}_max"]:
+            elif (
+                (above[f"{key}_min"] <= row[f"{key}_max"])
+                if higher_is_better
+                else (row[f"{key}_min"] <= above[f"{key}_max"])
+            ):
                 line += f" - within noise of {above[name]} (the ranges overlap)"
             else:
                 line += f" - worse than {above[name]} in every run"

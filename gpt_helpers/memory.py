@@ -326,12 +326,13 @@ def activation_bytes(
 
     ``backward_blocks``: how many top blocks the backward pass goes through (all by default; a frozen lower
     part saves nothing). Gradient checkpointing keeps only each block's input and recomputes one block at a time.
-    The loss adds ``batch × seq × vocab`` terms: the logits (compute precision) plus, at the start of backward,
-    the fp32 log-probabilities, their gradient and the logits' gradient.
+    The loss adds ``batch × seq × vocab`` terms at the start of backward: the fp32 log-probabilities, their gradient
+    and the logits' gradient (with 16-bit logits also that gradient cast back to 16 bits). The logits themselves are
+    freed by then: the loop keeps only the summed loss.
 
     >>> from gpt_helpers.models import gpt2_family_config
     >>> activation_bytes(gpt2_family_config("gpt2"), batch_size=1, seq_len=1024) // 2**20
-    1890
+    1693
     """
     shape = _shape(config)
     arch = shape.arch
@@ -361,7 +362,7 @@ def activation_bytes(
         # the final norm's input (and, when it trains, its normalised value and the head's input)
         head = 4 * arch.hidden_size if mode == "lora" else (8 + compute) * arch.hidden_size
         embeddings = 8 if mode == "full" else 0
-    loss_peak = arch.vocab_size * (compute + 3 * 4)
+    loss_peak = arch.vocab_size * (3 * 4 + (compute if compute < 4 else 0))
     if gradient_checkpointing and blocks:
         # block inputs stay; one block is recomputed at a time, after the loss buffers but the logits are freed
         peak = blocks * 4 * arch.hidden_size + max(loss_peak, block + compute * arch.vocab_size)

@@ -56,15 +56,18 @@ def cpu_bf16_instructions() -> list[str]:
     return flags
 
 
-def probe_step_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str) -> float:
-    """Seconds of one forward and backward pass of ``model`` on ``batch`` (after one warm-up pass).
+def probe_step_seconds(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str, *, warm_up: bool = True
+) -> float:
+    """Seconds of one forward and backward pass of ``model`` on ``batch`` (after one warm-up pass, unless
+    ``warm_up=False``).
 
     The model's weights and the random state are left as they were; gradients are set back to None.
     """
     dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
     with torch.random.fork_rng(devices=[]):
         seconds = []
-        for _ in range(2):
+        for _ in range(2 if warm_up else 1):
             started = time.perf_counter()
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 loss = model(**batch).logits.float().logsumexp(-1).mean()
@@ -93,9 +96,10 @@ def measured_bf16_speedup(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        ratios = [
-            probe_step_seconds(model, batch, "fp32") / max(probe_step_seconds(model, batch, "bf16"), 1e-9)
-            for _ in range(repeats)
+        ratios = [  # alternating, each precision warmed up once
+            probe_step_seconds(model, batch, "fp32", warm_up=not i)
+            / max(probe_step_seconds(model, batch, "bf16", warm_up=not i), 1e-9)
+            for i in range(repeats)
         ]
         known[key] = round(statistics.median(ratios), 3)
         try:

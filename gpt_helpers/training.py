@@ -50,6 +50,8 @@ from .vocab_padding import pad_vocabulary
 
 logger = logging.getLogger(__name__)
 
+#: Examples in the bf16 probe step (fewer if the batch or the data is smaller).
+PROBE_EXAMPLES = 4
 #: ``compile=None`` compiles on CUDA only for runs of at least this many steps (compiling takes a minute or so).
 COMPILE_MIN_STEPS = 1000
 
@@ -814,7 +816,11 @@ class _Loop:
             return PrecisionChoice(precision, "the given Accelerator's")
         if self.resume_from is not None and self.config.precision == "auto" and "precision" in self.resume_from[1]:
             return PrecisionChoice(self.resume_from[1]["precision"], "the checkpoint's (chosen when the run began)")
-        sample = _batch_of(self.train_data, torch.arange(1))
+        # the probe's rows decide what it measures: bf16 kernels pay off on larger matrices, so it takes up to
+        # PROBE_EXAMPLES of the run's examples (one 128-token example understated a 1,024-token batch's gain)
+        sample = _batch_of(
+            self.train_data, torch.arange(min(self.config.batch_size, PROBE_EXAMPLES, len(self.train_data)))
+        )
         return choose_precision(
             self.config.precision,
             device_type,

@@ -147,21 +147,24 @@ def test_the_body_starts_from_the_language_model_and_the_head_is_seeded(tokenize
     assert first.config.id2label == {0: "a", 1: "b", 2: "c"}
 
 
-def test_a_short_run_beats_the_majority_baseline(tmp_path):
-    """The bundled pre-trained tiny model, 150 steps of gradual unfreezing on drug-review sentiment: macro-F1 above
-    the majority class's (which is 0.26 here: it never predicts two of the three classes)."""
-    train = load_labelled("drug_reviews", label_field="sentiment")
-    validation = load_labelled("drug_reviews", label_field="sentiment", split="validation", classes=train.classes)
+def test_a_short_run_beats_the_majority_baseline(tmp_path, drug_reviews):
+    """The bundled pre-trained model, 40 steps of ULMFiT's stage 2 on reviews whose verdict is their last word, an
+    imbalanced 4:2:1 mix: macro-F1 far above the majority class's (which never predicts two of the three)."""
+    verdicts = ["great"] * 4 + ["awful"] * 2 + ["okay"]
+    texts = [f"{review[:80]} Verdict: {verdicts[i % 7]}" for i, review in enumerate(drug_reviews["train"][:280])]
+    labelled = LabelledData(texts, [verdicts[i % 7] for i in range(len(texts))])
+    train, validation = (
+        LabelledData(texts[:210], labelled.labels[:210]),
+        LabelledData(texts[210:], labelled.labels[210:]),
+    )
     classifier, tokenizer = load_classifier("tiny-gpt2-base", train.classes, seed=0)
-    config = quick_config(
-        tmp_path, max_steps=150, batch_size=16, learning_rate=3e-3, lr_schedule="slanted_triangular", log_every=50
-    )
+    config = quick_config(tmp_path, max_steps=40, batch_size=16, learning_rate=3e-3, lr_schedule="slanted_triangular")
     result = train_classifier(
-        classifier, tokenizer, prepare_classification(tokenizer, train, max_length=64), None, config
+        classifier, tokenizer, prepare_classification(tokenizer, train, max_length=48), None, config
     )
-    metrics = evaluate_classifier(result.model, prepare_classification(tokenizer, validation, max_length=64))
+    metrics = evaluate_classifier(result.model, prepare_classification(tokenizer, validation, max_length=48))
     floor = majority_baseline(train, validation)
-    assert metrics.macro_f1 > floor.macro_f1 + 0.1, (metrics, floor)
+    assert floor.macro_f1 < 0.3 and metrics.macro_f1 > 0.8, (metrics, floor)
     losses = result.history.column("train_loss")[1]
     assert losses[-1] < losses[0]
 

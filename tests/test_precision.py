@@ -66,7 +66,9 @@ def test_the_measured_speedup_is_remembered_for_the_same_model_and_machine(
     monkeypatch.setenv("GPT_HELPERS_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(
-        precision_module, "probe_step_seconds", lambda model, batch, p: calls.append(p) or {"fp32": 2.0, "bf16": 1.0}[p]
+        precision_module,
+        "probe_step_seconds",
+        lambda model, batch, p, warm_up=True: calls.append(p) or {"fp32": 2.0, "bf16": 1.0}[p],
     )
     data, _ = prepare_dataset(tokenizer, drug_reviews["train"][:20], block_size=32)
     model = make_tiny_gpt2(tokenizer)

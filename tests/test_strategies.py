@@ -397,3 +397,13 @@ def test_several_seeds_give_a_mean_and_spread_and_an_honest_ranking(tmp_path, re
     assert by_name["full"]["best_eval_loss_min"] == min(full) and by_name["full"]["best_eval_loss_std"] > 0
     text = ranking_text(table)
     assert text.startswith("1. ") and "3 runs" in text and ("within noise" in text or "in every run" in text)
+
+
+def test_ranking_puts_the_highest_first_when_higher_is_better():
+    def group(name, values):
+        return summarize([{"strategy": name, "f1": v} for v in values], keys=["f1"])[0]
+
+    table = [group("low", [0.40, 0.42, 0.41]), group("high", [0.60, 0.62, 0.61]), group("close", [0.59, 0.63, 0.58])]
+    lines = ranking_text(table, key="f1", higher_is_better=True).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["1. high", "2. close", "3. low"]
+    assert "within noise of high" in lines[1] and "worse than close in every run" in lines[2]
