@@ -267,6 +267,7 @@ def last_token_features(
     model.eval()
     device = next(model.parameters()).device
 
+    @torch.inference_mode()  # no graph: the body is only read
     def features(start: int, dtype: torch.dtype | None) -> torch.Tensor:
         mask = dataset.attention_mask[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
