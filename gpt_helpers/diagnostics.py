@@ -31,6 +31,9 @@ from .history import History
 MIN_CHANGE = 0.02
 #: A run counts as "barely improving" when its smoothed loss fell by less than this fraction.
 UNDERFIT_FRACTION = 0.03
+#: A short run still learning is "too short to judge" if this many times its steps, at its pace, would clear
+#: UNDERFIT_FRACTION; slower than that (a learning rate far too low) it is underfitting, however steady the fall.
+LONGER = 4
 #: A plateau: the last part of the run improved at less than this fraction of the earlier rate.
 PLATEAU_RATE = 0.1
 #: Noise (robust standard deviation around the trend, nats) above which a loss curve is called noisy …
@@ -218,7 +221,7 @@ def _underfitting(history: History) -> Diagnosis | None:
         return None
     falling = _still_falling(losses) and (len(eval_losses) < 2 or eval_losses[-1] < eval_losses[0])
     smooth = _smooth(losses)
-    if falling:  # a short run that is learning: too early to call it underfitting
+    if falling and LONGER * train_gain >= UNDERFIT_FRACTION:  # learning, just stopped early: too early to judge
         return Diagnosis(
             "too short to judge",
             "info",
@@ -226,7 +229,7 @@ def _underfitting(history: History) -> Diagnosis | None:
             f"over {steps[-1]} steps the smoothed training loss {_change(smooth[0], smooth[-1])} "
             f"({smooth[0]:.3f} → {smooth[-1]:.3f}) and is still going down"
             + (f"; validation {eval_losses[0]:.3f} → {eval_losses[-1]:.3f}" if len(eval_losses) >= 2 else ""),
-            f"The settings look fine; the run is just short. Train longer (max_steps={4 * steps[-1]}) before judging.",
+            f"The settings look fine; the run is just short. Train longer (max_steps={LONGER * steps[-1]}) before judging.",
         )
     lr = _setting(history, "learning_rate", 5e-4)
     trainable = history.info.get("trainable_parameters")

@@ -185,6 +185,15 @@ def test_a_short_run_that_is_learning_is_not_called_underfitting():
     assert "max_steps=32" in findings[0].advice
 
 
+def test_a_steady_but_far_too_slow_fall_is_underfitting_not_too_short():
+    # lesson 06's learning rate 100x too low: 30 steps, the loss falls steadily but 0.5% in all; even 4x the steps
+    # at that pace would stay under the 3% threshold, so the advice must be the learning rate, not patience
+    losses = [6.046 - 0.001 * step for step in range(30)]
+    findings = diagnose(_history(losses, evals=[(15, 5.975), (30, 5.961)]))
+    assert problems(findings) == ["underfitting"]
+    assert "Raise the learning rate" in findings[0].advice and "fell by" in findings[0].evidence
+
+
 def test_underfitting_says_whether_the_loss_fell_or_rose():
     flat = [5.97, 6.05, 5.99, 6.10, 6.02, 6.08, 6.01, 6.10]  # noise around a level: no learning
     findings = diagnose(_history(flat, evals=[(4, 6.05), (8, 6.06)]))
