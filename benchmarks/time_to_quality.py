@@ -99,6 +99,23 @@ def _outcome(name: str, watcher: TargetWatcher, clock: Clock) -> Outcome:
     return Outcome(name, dict(watcher.reached_at), watcher.best, watcher.tokens, watcher.tokens / max(seconds, 1e-9))
 
 
+def quiet_config(args, out: str, max_steps: int, **changes) -> gh.TrainingConfig:
+    """gpt_helpers' settings for a timed run: the benchmark's batch, rate and seed; nothing evaluated or saved."""
+    return gh.TrainingConfig(
+        output_dir=out,
+        max_steps=max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        eval_every=10**9,
+        progress=False,
+        plot=False,
+        save_best=False,
+        save_final=False,
+        seed=args.seed,
+        **changes,
+    )
+
+
 def run_gpt_helpers(texts, eval_data, args) -> Outcome:
     clock = Clock()
     model, tokenizer = gh.load_model(args.model)
@@ -113,18 +130,7 @@ def run_gpt_helpers(texts, eval_data, args) -> Outcome:
                 state.stop_requested = True
 
     with tempfile.TemporaryDirectory() as out:
-        config = gh.TrainingConfig(
-            output_dir=out,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            eval_every=10**9,
-            progress=False,
-            plot=False,
-            save_best=False,
-            save_final=False,
-            seed=args.seed,
-        )
+        config = quiet_config(args, out, args.max_steps)
         gh.train(model, tokenizer, train_data, None, config, callbacks=[Stop()])
     return _outcome("gpt_helpers", watcher, clock)
 
@@ -236,19 +242,7 @@ def equal_work_tokens_per_second(texts, args) -> tuple[float, float]:
     train_data, _ = gh.prepare_dataset(tokenizer, cleaned, block_size=args.block_size)
     tokens = args.equal_work_steps * args.batch_size * args.block_size
     with tempfile.TemporaryDirectory() as out:
-        config = gh.TrainingConfig(
-            output_dir=out,
-            max_steps=args.equal_work_steps,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            eval_every=10**9,
-            progress=False,
-            plot=False,
-            save_best=False,
-            save_final=False,
-            seed=args.seed,
-            log_every=10**9,
-        )
+        config = quiet_config(args, out, args.equal_work_steps, log_every=10**9)
         started = time.perf_counter()
         gh.train(model, tokenizer, train_data, None, config)
         helpers = tokens / (time.perf_counter() - started)
