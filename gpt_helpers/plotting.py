@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,21 +101,33 @@ def plot_history(
             loss_axis.plot(
                 ex, [r.eval_loss for r in evaluated], color=color, marker="o", markersize=3, label=f"{prefix}validation"
             )
-            ppl_axis.plot(
-                ex,
-                [r.eval_perplexity for r in evaluated],
-                color=color,
-                marker="o",
-                markersize=3,
-                label=f"{prefix}validation",
-            )
+            scored = [r for r in evaluated if _finite(r.eval_perplexity)]  # a classifier's evaluations have none
+            if scored:
+                ppl_axis.plot(
+                    [getattr(r, x) for r in scored],
+                    [r.eval_perplexity for r in scored],
+                    color=color,
+                    marker="o",
+                    markersize=3,
+                    label=f"{prefix}validation",
+                )
             best = run.best
-            if best is not None:
+            if best is not None and _finite(best.eval_perplexity):
                 ppl_axis.scatter([getattr(best, x)], [best.eval_perplexity], color=color, marker="*", s=120, zorder=3)
     xlabel = "optimizer step" if x == "step" else "tokens seen"
     loss_axis.set(xlabel=xlabel, ylabel="loss (nats per token)", title="Loss")
     ppl_axis.set(xlabel=xlabel, ylabel="perplexity", title="Validation perplexity (★ best)")
-    if log_perplexity and any(r.eval_records for r in runs.values()):
+    if not ppl_axis.lines:
+        ppl_axis.text(
+            0.5,
+            0.5,
+            "no perplexity to show\n(none evaluated, or a classifier)",
+            ha="center",
+            va="center",
+            transform=ppl_axis.transAxes,
+            color="0.4",
+        )
+    elif log_perplexity:
         readable_log_axis(ppl_axis)
     for axis in (loss_axis, ppl_axis):
         axis.grid(alpha=0.3)
@@ -129,6 +142,10 @@ def plot_history(
     if show:
         plt.show()
     return figure
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def readable_log_axis(axis, which: str = "y") -> None:
