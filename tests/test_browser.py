@@ -333,7 +333,7 @@ def _error_outputs(page: Page) -> list[str]:
 
 
 def _lesson_finished(page: Page, server: LabServer, code_cells: int) -> bool:
-    """Every code cell has an execution count and the kernel is idle; fails at once on an error output."""
+    """Every shown code cell has an execution count and the kernel is idle; fails at once on an error output."""
     errors = _error_outputs(page)
     if errors:
         pytest.fail(f"A cell failed in the browser:\n{errors[0][-3000:]}", pytrace=False)
@@ -354,7 +354,10 @@ def lesson(page: Page, lab_server: LabServer, artefacts: Path) -> Path:
 
 def _run_lesson(page: Page, lab_server: LabServer) -> Path:
     notebook = lab_server.root / LESSON.notebook
-    code_cells = sum(cell.cell_type == "code" for cell in nbformat.read(notebook, as_version=4).cells)
+    code_cells = sum(  # a cell whose input is hidden (an exercise's solution) shows no prompt until it is opened
+        cell.cell_type == "code" and not cell.metadata.get("jupyter", {}).get("source_hidden")
+        for cell in nbformat.read(notebook, as_version=4).cells
+    )
     page.goto(f"{lab_server.url}/lab/tree/{LESSON.notebook}?token={lab_server.token}", timeout=90 * MS)
     page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=90 * MS)
     _wait(
