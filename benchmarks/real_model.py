@@ -14,7 +14,7 @@ estimate: forward 2N + attention, backward twice the forward); LoRA 4N + 8·L·d
 activations' gradients through the frozen weights; the adapters' own FLOPs are < 1 %).
 
 Part 3, time to quality: raw drug reviews → validation perplexity ``--target`` × zero-shot, LoRA. Every method
-gets the same settings (batch 8, lr 1e-3, LoRA r 16/alpha 32, warmup 5, cosine over ``--ttq-steps``), so the ratio
+gets the same settings (batch ``--batch``, lr 1e-3, LoRA r 16/alpha 32, warmup 5, cosine over ``--ttq-steps``), so the ratio
 measures the library; then the Trainer and TRL with their guides' defaults (lr 5e-5 and 2e-5, linear, no
 warmup) as a learner following each guide would run them. Wall time counts data preparation and training; the
 scoring (the same evaluation for all) is excluded.
@@ -52,6 +52,11 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 def blocks(tokenizer, split: str = "train", block_size: int = 128):
     texts, _ = gh.clean_texts(gh.load_course_dataset("drug_reviews", split))
     return gh.prepare_dataset(tokenizer, texts, block_size=block_size)[0]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (the "tuned" rows use bf16 only then)."""
+    return bool(gh.precision.cpu_bf16_instructions())
 
 
 def as_hf_dataset(data):
@@ -95,7 +100,7 @@ def hf_callback(times: StepTimes):
     return Mark()
 
 
-def run_method(method: str, mode: str, steps: int, compile_model: bool, lr: float, seed: int = 0) -> dict:
+def run_method(method: str, mode: str, steps: int, compile_model: bool, lr: float, batch: int = 8, seed: int = 0) -> dict:
     """One equal-work run; returns its steady tokens/s and the precision it used."""
     import transformers
 
@@ -103,9 +108,9 @@ def run_method(method: str, mode: str, steps: int, compile_model: bool, lr: floa
     data = blocks(tokenizer)
     if mode == "lora":
         model = peft_model(model, seed)
-    batch, tokens = 8, 8 * 128
+    tokens = batch * 128
     times = StepTimes()
-    bf16 = torch.cpu._is_avx512_bf16_supported() if hasattr(torch.cpu, "_is_avx512_bf16_supported") else False
+    bf16 = cpu_has_bf16()
     with tempfile.TemporaryDirectory() as out:
         if method == "gpt_helpers":
 
@@ -201,6 +206,7 @@ def run_method(method: str, mode: str, steps: int, compile_model: bool, lr: floa
 def measure_in_subprocess(method: str, mode: str, args) -> dict:
     """Run one method in a fresh process, which reports its tokens/s and its own peak resident memory."""
     command = [sys.executable, __file__, "--worker", method, mode, "--steps", str(args.steps), "--lr", str(args.lr)]
+    command += ["--batch", str(args.batch)]
     if args.compile:
         command.append("--compile")
     process = subprocess.Popen(
@@ -216,6 +222,9 @@ def equal_work(args) -> list[dict]:
     rows = []
     for mode in ("lora", "full"):
         for method in METHODS:
+            if method == "Trainer tuned" and not (cpu_has_bf16() or args.compile):
+                print(f"skipped {mode} / Trainer tuned: without bf16 units or --compile it is Trainer default", flush=True)
+                continue
             runs = [measure_in_subprocess(method, mode, args) for _ in range(args.repeats)]
             row = {
                 "mode": mode,
@@ -271,7 +280,7 @@ def time_to_quality(method: str, settings: str, args, target: float, cap: float)
         if step % every:
             return time.perf_counter() - started - excluded > cap
         pause = time.perf_counter()
-        perplexity = gh.evaluate(current, validation, batch_size=16).perplexity
+        perplexity = gh.evaluate(current, validation, batch_size=16, max_batches=args.score_batches).perplexity
         excluded += time.perf_counter() - pause
         if perplexity <= target and reached["at"] is None:
             reached["at"] = time.perf_counter() - started - excluded
@@ -287,7 +296,7 @@ def time_to_quality(method: str, settings: str, args, target: float, cap: float)
             config = gh.TrainingConfig(
                 output_dir=out,
                 max_steps=args.ttq_steps,
-                batch_size=8,
+                batch_size=args.batch,
                 learning_rate=lr,
                 warmup_steps=5,
                 progress=False,
@@ -298,7 +307,7 @@ def time_to_quality(method: str, settings: str, args, target: float, cap: float)
             )
             gh.train(model, tokenizer, data, None, config, callbacks=[Watch()])
         else:
-            bf16 = torch.cpu._is_avx512_bf16_supported()
+            bf16 = cpu_has_bf16()
 
             class Watch(transformers.TrainerCallback):
                 def on_step_end(self, a, state, control, model=None, **kwargs):
@@ -307,7 +316,7 @@ def time_to_quality(method: str, settings: str, args, target: float, cap: float)
             common = dict(
                 output_dir=out,
                 max_steps=args.ttq_steps,
-                per_device_train_batch_size=8,
+                per_device_train_batch_size=args.batch,
                 learning_rate=lr,
                 report_to="none",
                 save_strategy="no",
@@ -346,11 +355,15 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["equal-work", "limit", "time-to-quality"])
     parser.add_argument("--steps", type=int, default=8, help="equal-work steps per run [8]")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=8, help="blocks of 128 tokens per step, both parts [8]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile in the tuned and gpt_helpers rows")
     parser.add_argument("--target", type=float, default=0.65, help="time-to-quality target × zero-shot [0.65]")
     parser.add_argument("--ttq-steps", type=int, default=100, help="schedule length for time to quality [100]")
     parser.add_argument("--score-every", type=int, default=5, help="steps between scorings [5]")
+    parser.add_argument(
+        "--score-batches", type=int, default=None, help="validation batches of 16 blocks per scoring [all]"
+    )
     parser.add_argument("--cap", type=float, default=300.0, help="seconds a method may train to reach the target [300]")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,7 +371,7 @@ def main() -> None:
     if args.worker:
         import resource
 
-        result = run_method(args.worker[0], args.worker[1], args.steps, args.compile, args.lr)
+        result = run_method(args.worker[0], args.worker[1], args.steps, args.compile, args.lr, args.batch)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -383,7 +396,9 @@ def main() -> None:
         print(json.dumps({"peak_flops": peaks}), flush=True)
     if "time-to-quality" in args.parts:
         model, tokenizer = gh.load_model(MODEL)
-        zero_shot = gh.evaluate(model, blocks(tokenizer, "validation"), batch_size=16).perplexity
+        zero_shot = gh.evaluate(
+            model, blocks(tokenizer, "validation"), batch_size=16, max_batches=args.score_batches
+        ).perplexity
         target = round(args.target * zero_shot, 1)
         report["time_to_quality"] = {"zero_shot": zero_shot, "target": target, "rows": []}
         plan = [
