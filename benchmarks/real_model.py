@@ -100,7 +100,9 @@ def hf_callback(times: StepTimes):
     return Mark()
 
 
-def run_method(method: str, mode: str, steps: int, compile_model: bool, lr: float, batch: int = 8, seed: int = 0) -> dict:
+def run_method(
+    method: str, mode: str, steps: int, compile_model: bool, lr: float, batch: int = 8, seed: int = 0
+) -> dict:
     """One equal-work run; returns its steady tokens/s and the precision it used."""
     import transformers
 
@@ -220,10 +222,12 @@ def measure_in_subprocess(method: str, mode: str, args) -> dict:
 
 def equal_work(args) -> list[dict]:
     rows = []
-    for mode in ("lora", "full"):
-        for method in METHODS:
+    for mode in args.modes:
+        for method in args.methods:
             if method == "Trainer tuned" and not (cpu_has_bf16() or args.compile):
-                print(f"skipped {mode} / Trainer tuned: without bf16 units or --compile it is Trainer default", flush=True)
+                print(
+                    f"skipped {mode} / Trainer tuned: without bf16 units or --compile it is Trainer default", flush=True
+                )
                 continue
             runs = [measure_in_subprocess(method, mode, args) for _ in range(args.repeats)]
             row = {
@@ -357,6 +361,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=8, help="blocks of 128 tokens per step, both parts [8]")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="equal-work methods [all]")
+    parser.add_argument("--modes", nargs="*", default=["lora", "full"], help="equal-work modes [lora full]")
     parser.add_argument("--compile", action="store_true", help="torch.compile in the tuned and gpt_helpers rows")
     parser.add_argument("--target", type=float, default=0.65, help="time-to-quality target × zero-shot [0.65]")
     parser.add_argument("--ttq-steps", type=int, default=100, help="schedule length for time to quality [100]")
