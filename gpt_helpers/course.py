@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,14 +215,30 @@ class LessonResult:
     error: str | None = None
 
 
+#: An absolute path into an installed package (in a warning's source line): the machine's prefix is left out.
+_INSTALLED_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\]+)+[/\\](?=site-packages[/\\])")
+
+
+def machine_free(text: str) -> str:
+    """``text`` with the prefix of installed-package paths replaced by ``...`` (``.../site-packages/peft/x.py``).
+
+    >>> machine_free("/home/ann/.venv/lib/python3.11/site-packages/peft/utils.py:3: UserWarning: …")
+    '.../site-packages/peft/utils.py:3: UserWarning: …'
+    """
+    return _INSTALLED_PATH.sub(".../", text)
+
+
 def clean_notebook(notebook) -> None:
-    """Strip run noise so a committed notebook diffs cleanly: papermill timings, widget state, widget views."""
+    """Strip run noise so a committed notebook diffs cleanly: papermill timings, widget state, widget views, and
+    the machine's own folders in the paths of library warnings."""
     notebook.metadata.pop("papermill", None)
     notebook.metadata.pop("widgets", None)
     for cell in notebook.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
         for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                output["text"] = machine_free(output["text"])
             data = output.get("data")
             if data and "application/vnd.jupyter.widget-view+json" in data:
                 data.pop("application/vnd.jupyter.widget-view+json")

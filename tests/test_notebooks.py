@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gpt_helpers.course import LESSONS, NOTEBOOKS_DIR, run_lesson
+from gpt_helpers.course import LESSONS, NOTEBOOKS_DIR, machine_free, run_lesson
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=[lesson.number for lesson in LESSONS])
@@ -42,6 +42,9 @@ def test_committed_notebook_is_a_clean_lesson(lesson):
     assert solutions, "exercise solutions are code cells tagged 'solution'"
     for cell in solutions:  # hidden until the learner opens them (JupyterLab and Colab read this metadata)
         assert cell["metadata"].get("jupyter", {}).get("source_hidden"), "a solution shows before it is opened"
+    streams = ["".join(o["text"]) for c in code for o in c["outputs"] if o.get("output_type") == "stream"]
+    leaked = [text for text in streams if machine_free(text) != text]
+    assert not leaked, f"an output shows the machine's own folders: {leaked[0][:200]!r}"
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=[lesson.number for lesson in LESSONS])
