@@ -20,7 +20,8 @@ measures the library; then the Trainer and TRL with their guides' defaults (lr 5
 warmup) as a learner following each guide would run them. Wall time counts data preparation and training; the
 scoring (the same evaluation for all) is excluded.
 
-    python benchmarks/real_model.py --repeats 3              # all parts, ~60 minutes on 2 cores; idle machine
+    python benchmarks/real_model.py --repeats 3              # all parts, an hour or more on 2 cores; idle machine
+    python benchmarks/real_model.py --batch 4 --target 0.8 --ttq-steps 30 --score-batches 2 --cap 150  # RESULTS.md
     python benchmarks/real_model.py --parts equal-work --steps 6 --repeats 1   # a quick look
 """
 
