@@ -15,13 +15,14 @@ estimate: forward 2N + attention, backward twice the forward); LoRA 4N + 8·L·d
 activations' gradients through the frozen weights; the adapters' own FLOPs are < 1 %).
 
 Part 3, time to quality: raw drug reviews → validation perplexity ``--target`` × zero-shot, LoRA. Every method
-gets the same settings (batch ``--batch``, lr 1e-3, LoRA r 16/alpha 32, warmup 5, cosine over ``--ttq-steps``), so the ratio
-measures the library; then the Trainer and TRL with their guides' defaults (lr 5e-5 and 2e-5, linear, no
+gets the same settings (batch ``--batch``, lr 1e-3, LoRA r 16/alpha 32, warmup 5, cosine over ``--ttq-steps``), so
+the ratio measures the library; then the Trainer and TRL with their guides' defaults (lr 5e-5 and 2e-5, linear, no
 warmup) as a learner following each guide would run them. Wall time counts data preparation and training; the
 scoring (the same evaluation for all) is excluded.
 
     python benchmarks/real_model.py --repeats 3              # all parts, an hour or more on 2 cores; idle machine
-    python benchmarks/real_model.py --batch 4 --target 0.8 --ttq-steps 30 --score-batches 2 --cap 150  # RESULTS.md
+    python benchmarks/real_model.py --parts time-to-quality --batch 4 --target 0.8 --ttq-steps 30 \
+        --score-every 3 --score-batches 2 --cap 150      # the time-to-quality run of RESULTS.md (about 30 minutes)
     python benchmarks/real_model.py --parts equal-work --steps 6 --repeats 1   # a quick look
 """
 
