@@ -137,6 +137,22 @@ def test_features_are_what_the_head_reads(make, tokenizer):
         torch.testing.assert_close(classifier.score(features), logits, rtol=1e-5, atol=1e-5)
 
 
+def test_features_batch_similar_lengths_and_skip_padding(tokenizer):
+    """Shortest texts first, each batch cut to its longest text: the body never computes a column of pure padding."""
+    model = make_tiny_gpt2(tokenizer)
+    texts = ["a", "one two three four five six seven eight", "b c", "one two three four five six"]
+    data = prepare_classification(tokenizer, LabelledData(texts, ["x", "y", "x", "y"]))
+    widths = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    last_token_features(model, data, batch_size=2, precision="fp32")
+    hook.remove()
+    lengths = sorted(data.attention_mask.sum(1).tolist())
+    assert widths == [lengths[1], lengths[3]]
+    assert widths[0] < data.input_ids.shape[1]
+
+
 def test_the_body_starts_from_the_language_model_and_the_head_is_seeded(tokenizer):
     model = make_tiny_gpt2(tokenizer)
     first, _ = load_classifier(model, ["a", "b", "c"], seed=5)
