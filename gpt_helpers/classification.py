@@ -277,7 +277,9 @@ def last_token_features(
         width = int(lengths[rows].max())  # right-padded: nothing after the batch's longest text is needed
         mask = dataset.attention_mask[rows, :width].to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            hidden = model.base_model(input_ids=dataset.input_ids[rows, :width].to(device), attention_mask=mask).last_hidden_state
+            hidden = model.base_model(
+                input_ids=dataset.input_ids[rows, :width].to(device), attention_mask=mask
+            ).last_hidden_state
         last = mask.sum(1) - 1  # the last real token of each text
         return hidden[torch.arange(len(last), device=device), last].float().cpu()
 

@@ -10,6 +10,7 @@ a mean and spread for every number, so that a ranking can be told apart from run
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -39,11 +40,26 @@ def _check_strategies(strategies: Sequence[str]) -> None:
         raise ConfigError(f"Each strategy once, please: {list(strategies)}.")
 
 
+class _ModelSource:
+    """Fresh models for the runs of one comparison: the pre-trained weights are read from disk once (before any
+    memory is measured) and each run gets its own copy; a from-scratch model is built anew for its seed."""
+
+    def __init__(self, model_name: str, strategies: Sequence[str]) -> None:
+        self.model_name = model_name
+        self.pretrained = load_model(model_name) if any(s != "from_scratch" for s in strategies) else None
+
+    def fresh(self, strategy: str, seed: int):
+        if strategy == "from_scratch" or self.pretrained is None:
+            return load_model(self.model_name, random_init=True, seed=seed)
+        model, tokenizer = self.pretrained
+        return copy.deepcopy(model), tokenizer
+
+
 def _setup(
-    strategy: str, model_name: str, config: TrainingConfig, lora: dict[str, Any] | None, unfreeze_every: int | None
+    strategy: str, source: _ModelSource, config: TrainingConfig, lora: dict[str, Any] | None, unfreeze_every: int | None
 ):
     """A fresh model for ``strategy`` (seeded by ``config.seed``) with the param groups and callbacks it trains with."""
-    model, tokenizer = load_model(model_name, random_init=strategy == "from_scratch", seed=config.seed)
+    model, tokenizer = source.fresh(strategy, config.seed)
     lora = {"seed": config.seed, **(lora or {})}
     model, groups, callbacks = prepare_strategy(
         strategy,
@@ -59,7 +75,7 @@ def _setup(
 
 def _probe_peak(
     strategy: str,
-    model_name: str,
+    source: _ModelSource,
     train_data,
     config: TrainingConfig,
     lora: dict[str, Any] | None,
@@ -87,7 +103,7 @@ def _probe_peak(
         )
 
         def run() -> None:
-            model, tokenizer, groups, callbacks = _setup(strategy, model_name, probe, lora, unfreeze_every)
+            model, tokenizer, groups, callbacks = _setup(strategy, source, probe, lora, unfreeze_every)
             train(model, tokenizer, train_data, None, probe, param_groups=groups, callbacks=callbacks)
 
         return measure_peak_memory(run).peak_bytes
@@ -158,19 +174,16 @@ def compare_strategies(
     if unknown:
         raise ConfigError(f"learning_rates names strategies that are not compared: {sorted(unknown)}.")
     rows, histories = [], {}
+    source = _ModelSource(model_name_or_path, strategies)
     for strategy in strategies:
         learning_rate = learning_rates.get(strategy, config.learning_rate)
         base = config.replace(output_dir=str(Path(config.output_dir) / strategy), learning_rate=learning_rate)
-        peak = (
-            _probe_peak(strategy, model_name_or_path, train_data, base, lora, unfreeze_every)
-            if measure_memory
-            else None
-        )
+        peak = _probe_peak(strategy, source, train_data, base, lora, unfreeze_every) if measure_memory else None
         for seed in seeds:
             run_config = base.replace(
                 seed=seed, output_dir=base.output_dir + (f"/seed-{seed}" if len(seeds) > 1 else "")
             )
-            model, tokenizer, groups, callbacks = _setup(strategy, model_name_or_path, run_config, lora, unfreeze_every)
+            model, tokenizer, groups, callbacks = _setup(strategy, source, run_config, lora, unfreeze_every)
             logger.info("Strategy %s, seed %d: %s", strategy, seed, count_parameters(model))
             started = time.perf_counter()
             result = train(

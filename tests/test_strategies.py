@@ -319,6 +319,24 @@ def test_compare_strategies_on_the_bundled_model(tmp_path, reviews):
         compare_strategies("tiny-gpt2-base", ["everything"], reviews[0], reviews[1], quick_config(tmp_path))
 
 
+def test_every_run_starts_from_the_untouched_pretrained_weights_read_once(tmp_path, reviews, monkeypatch):
+    """The weights are read from disk once per comparison and copied for each run: a run never starts from the
+    weights an earlier run trained (seed 0 gives the same result first or after seed 1)."""
+    import gpt_helpers.experiments as experiments
+
+    loads = []
+    original = experiments.load_model
+    monkeypatch.setattr(experiments, "load_model", lambda *a, **k: loads.append(k) or original(*a, **k))
+    config = quick_config(tmp_path, max_steps=2)
+    after, _ = compare_strategies("tiny-gpt2-base", ["full"], reviews[0], reviews[1], config, seeds=[1, 0])
+    assert len(loads) == 1
+    alone, _ = compare_strategies(
+        "tiny-gpt2-base", ["full"], reviews[0], reviews[1], config, seeds=[0], measure_memory=False
+    )
+    assert after[1]["seed"] == alone[0]["seed"] == 0
+    assert after[1]["best_eval_loss"] == alone[0]["best_eval_loss"]
+
+
 def test_data_efficiency_sweep_trains_pretrained_and_scratch_on_nested_fractions(tmp_path, reviews):
     part = subset(reviews[0], 0.5, seed=0)
     assert len(part) == round(len(reviews[0]) / 2)
