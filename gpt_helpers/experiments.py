@@ -81,7 +81,7 @@ def _probe_peak(
     lora: dict[str, Any] | None,
     unfreeze_every: int | None,
 ) -> int:
-    """Peak tensor memory of loading the strategy's model and taking two training steps.
+    """Peak tensor memory of a fresh copy of the strategy's model and two training steps.
 
     Gradual unfreezing ends with every parameter trainable, so its peak is measured in that final state (as full).
     """
@@ -155,8 +155,8 @@ def compare_strategies(
     (LoRA and from-scratch often want more: ``{"lora": 2e-3}``); ``lora`` holds :func:`apply_lora` options
     (``{"r": 16, "alpha": 32}``). Each run writes to ``config.output_dir/<strategy>[/seed-<s>]``. Row keys:
     ``strategy``, ``seed``, ``trainable_parameters`` (at the end of the run), ``total_parameters``,
-    ``trainable_percent``, ``peak_memory_mb`` (tensor memory of loading the model and two training steps, measured
-    once per strategy in a separate run so the timed runs are not slowed; gradual unfreezing in its final,
+    ``trainable_percent``, ``peak_memory_mb`` (tensor memory of a fresh copy of the model and two training steps,
+    measured once per strategy in a separate run so the timed runs are not slowed; gradual unfreezing in its final,
     all-trainable state), ``wall_seconds``, ``tokens_per_second`` (median of the logged speeds), ``steps``,
     ``final_train_loss``, ``best_eval_loss``, ``best_perplexity``, ``best_step``.
 
