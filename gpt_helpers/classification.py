@@ -296,9 +296,7 @@ def last_token_features(
     chosen = min(timed, key=lambda dtype: timed[dtype][0])
     rows = [timed[chosen][1]] + [features(start, chosen) for start in range(batch_size, len(dataset), batch_size)]
     model.train(was_training)
-    features_in_order = torch.empty_like(torch.cat(rows))
-    features_in_order[order] = torch.cat(rows)
-    return features_in_order
+    return torch.cat(rows)[torch.argsort(order)]  # back to the dataset's order
 
 
 # ------------------------------------------------------------------------------------------ metrics

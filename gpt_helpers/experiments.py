@@ -49,7 +49,7 @@ class _ModelSource:
         self.pretrained = load_model(model_name) if any(s != "from_scratch" for s in strategies) else None
 
     def fresh(self, strategy: str, seed: int):
-        if strategy == "from_scratch" or self.pretrained is None:
+        if strategy == "from_scratch":
             return load_model(self.model_name, random_init=True, seed=seed)
         model, tokenizer = self.pretrained
         return copy.deepcopy(model), tokenizer
